@@ -1,0 +1,54 @@
+"""The one place where the kernels use PyTorch APIs that are not public.
+
+Each wrapper has a fallback built from public ops, and tests (tests/test_package.py) pin the
+two against each other, so a PyTorch release that changes or drops the private API degrades
+speed, never results.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def _attention_math(q, k, v, mask, scale):
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    if mask is not None:
+        scores += mask
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.masked_fill(torch.isneginf(lse), 0.0).unsqueeze(-1))
+    return torch.matmul(probs, v), lse
+
+
+def attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    use_flash: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention returning ``(out [B, h, M, Dv], lse fp32 [B, h, M])``.
+
+    ``q [B, h, M, D]``, ``k [B, h, S, D]``, ``v [B, h, S, Dv]``; ``mask`` is additive (0 / -inf
+    / bias), broadcastable to ``[B, h, M, S]``. Rows whose mask removes every key return
+    zeros and ``lse = -inf``. On CPU with ``D == Dv`` this is PyTorch's fused flash kernel
+    (``aten::_scaled_dot_product_flash_attention_for_cpu``, which SDPA itself dispatches to and
+    which also returns the log-sum-exp); elsewhere a plain matmul-softmax-matmul.
+    """
+    if use_flash and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]:
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, attn_mask=mask, scale=scale
+            )
+        except (AttributeError, RuntimeError):  # pragma: no cover - torch without the kernel
+            out, lse = _attention_math(q, k, v, mask, scale)
+    else:
+        out, lse = _attention_math(q, k, v, mask, scale)
+    if mask is not None:
+        empty = torch.isneginf(mask).all(dim=-1).expand_as(lse)
+        if bool(empty.any()):  # the flash kernel returns lse = 0 for them
+            lse = lse.masked_fill(empty, NEG_INF)
+            out = out.masked_fill(empty.unsqueeze(-1), 0.0)
+    return out, lse.float()

@@ -1,0 +1,1 @@
+"""Export plugins: ONNX translation of the ``dsa`` ops and TensorRT plugins."""
