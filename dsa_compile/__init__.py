@@ -5,10 +5,17 @@ are registered as ``torch.ops.dsa.*`` on import and exposed here as Python funct
 """
 
 from ._version import __version__
+from .api import ExplainReport, compile, explain
+from .config import DSAConfig, DSAConfigError
 from .kernels import DSAInputError, indexer_scores, indexer_topk, sparse_attention
 
 __all__ = [
+    "DSAConfig",
+    "DSAConfigError",
     "DSAInputError",
+    "ExplainReport",
+    "compile",
+    "explain",
     "__version__",
     "indexer_scores",
     "indexer_topk",

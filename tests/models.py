@@ -1,0 +1,55 @@
+"""Tiny configs of real HF architectures with random weights (made here, nothing downloaded)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+ARCHS = ["llama", "qwen2", "mistral", "gpt2", "bert"]
+LAYERS = 2
+
+
+def tiny_model(arch: str, impl: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if arch in ("llama", "qwen2", "mistral"):
+        config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                      "mistral": transformers.MistralConfig}[arch]
+        config = config_cls(vocab_size=100, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=512, attn_implementation=impl)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    elif arch == "gpt2":
+        config = transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=LAYERS, n_head=4,
+                                         n_positions=512, bos_token_id=0, eos_token_id=0,
+                                         attn_implementation=impl)
+        model = transformers.GPT2LMHeadModel(config)
+    elif arch == "bert":
+        config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=LAYERS,
+                                         num_attention_heads=4, intermediate_size=128,
+                                         max_position_embeddings=512, attn_implementation=impl)
+        model = transformers.BertModel(config)
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+class OpCounter:
+    """Counts the dsa ops that run, through the profiler (dispatch modes would make Dynamo
+    skip compilation)."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self._profile = None
+
+    def __enter__(self):
+        self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._profile.__exit__(*exc)
+        for event in self._profile.events():
+            if event.name.startswith("dsa::"):
+                name = event.name.replace("::", ".")
+                self.counts[name] = self.counts.get(name, 0) + 1
+        return False

@@ -1,0 +1,108 @@
+"""The dsa backend on tiny configs of real HF architectures, eager and sdpa attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import ARCHS, LAYERS, OpCounter, tiny_model
+
+import dsa_compile
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch.compiler.reset()  # HF families share forward code: keep under the recompile limit
+    yield
+    torch.compiler.reset()
+
+
+def first_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output.logits if hasattr(output, "logits") \
+        else output.last_hidden_state
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sites_found_exact_when_short_sparse_when_long(arch, impl):
+    model = tiny_model(arch, impl)
+    ids = torch.randint(0, 100, (2, 48))
+    report = dsa_compile.explain(model, ids, topk=16)
+    assert len(report.sites) == LAYERS, report.table()
+    assert len(report.rewritten) == LAYERS, report.table()
+    expected_pattern = "sdpa" if impl == "sdpa" else "matmul_softmax_matmul"
+    assert {s["pattern"] for s in report.sites} == {expected_pattern}
+
+    with torch.no_grad():
+        reference = first_output(model(ids))
+        short = torch.compile(model, backend="dsa", options={"topk": 64, "mode": "eager"})
+        counter = OpCounter()
+        with counter:
+            out = first_output(short(ids))
+        torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-4)
+        assert counter.counts.get("dsa.sparse_attention", 0) == 0  # dense below topk
+
+        torch.compiler.reset()
+        long = torch.compile(model, backend="dsa",
+                             options={"topk": 16, "mode": "eager", "query_block": 4})
+        counter = OpCounter()
+        with counter:
+            sparse = first_output(long(ids))
+        assert counter.counts.get("dsa.sparse_attention", 0) == LAYERS
+        assert counter.counts.get("dsa.indexer_topk", 0) == LAYERS
+        assert torch.isfinite(sparse).all()
+        assert not torch.allclose(sparse, reference)  # 16 of 48 keys: it really is sparse
+
+
+def test_padding_mask_is_respected_by_the_sparse_path():
+    """BERT with padding: padded keys must never be attended, dense or sparse."""
+    model = tiny_model("bert", "sdpa")
+    ids = torch.randint(0, 100, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, 25:] = 0
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask).last_hidden_state
+        exact = torch.compile(model, backend="dsa", options={"topk": 64, "mode": "eager"})
+        torch.testing.assert_close(exact(ids, attention_mask=mask).last_hidden_state, reference,
+                                   atol=2e-5, rtol=1e-4)
+        torch.compiler.reset()
+        # topk = every unpadded key of row 1: selection must skip the 15 padded keys exactly.
+        sparse = torch.compile(model, backend="dsa",
+                               options={"topk": 25, "min_seq_len": 0, "mode": "eager",
+                                        "query_block": 1, "key_block": 0})
+        out = sparse(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out[1], reference[1], atol=2e-5, rtol=1e-4)
+
+
+def test_inductor_compiles_the_rewritten_llama():
+    model = tiny_model("llama", "sdpa")
+    ids = torch.randint(0, 100, (1, 40))
+    with torch.no_grad():
+        reference = model(ids).logits
+        exact = torch.compile(model, backend="dsa", options={"topk": 64})
+        torch.testing.assert_close(exact(ids).logits, reference, atol=2e-5, rtol=1e-4)
+
+
+def test_dynamic_lengths_do_not_recompile_per_length():
+    model = tiny_model("llama", "eager")
+    graphs = []
+    backend = dsa_compile.backend.make_backend(
+        dsa_compile.DSAConfig(topk=8, mode="eager", query_block=4), graphs.append)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    counter = OpCounter()
+    with torch.no_grad(), counter:
+        for length in (20, 29, 37, 44):
+            assert torch.isfinite(compiled(torch.randint(0, 100, (1, length))).logits).all()
+    assert len(graphs) == 1
+    assert counter.counts["dsa.sparse_attention"] == 4 * LAYERS
+
+
+def test_include_exclude_select_sites():
+    model = tiny_model("llama", "sdpa")
+    ids = torch.randint(0, 100, (1, 24))
+    report = dsa_compile.explain(model, ids, topk=8, exclude=["*.layers.1.*"])
+    assert [s["rewritten"] for s in report.sites] == [True, False]
+    assert "excluded by" in report.sites[1]["reason"]
+    torch.compiler.reset()
+    report = dsa_compile.explain(model, ids, topk=8, include=["*.layers.1.*"])
+    assert [s["rewritten"] for s in report.sites] == [False, True]
+    assert "layers.1.self_attn" in report.table()
