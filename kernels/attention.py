@@ -116,3 +116,8 @@ def combine_masks(
     for mask in blocked:
         total = total.masked_fill(mask, float("-inf"))
     return total
+
+
+def rank3_mask_to_rank4(mask: torch.Tensor) -> torch.Tensor:
+    """A mask of rank-3 attention (``[B*H | 1, Lq, Lk]``) for its rank-4 form ``[B*H, 1, L, D]``."""
+    return mask.unsqueeze(1) if mask.dim() == 3 else mask

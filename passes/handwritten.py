@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from ..kernels.attention import combine_masks, rank3_mask_to_rank4
 from .graph_utils import (
     CASTS,
     DROPOUTS,
@@ -54,7 +55,7 @@ class ScoreStep:
 
 @dataclass
 class ScoreChain:
-    qk: fx.Node
+    qk: fx.Node  # the node computing q @ k^T (matmul, bmm, einsum or baddbmm)
     steps: list[ScoreStep] = field(default_factory=list)  # in the order they apply to q @ k^T
     nodes: list[fx.Node] = field(default_factory=list)
 
@@ -244,8 +245,13 @@ def _pre_scale(node: fx.Node, steps: list[ScoreStep]) -> fx.Node:
 def _walk_scores(node: fx.Node, depth: int = 0) -> ScoreChain:
     if depth > 12:
         raise NoMatch("too many ops between q @ k^T and the softmax")
-    if is_call(node, *MATMULS):
+    if is_call(node, *MATMULS) or is_call(node, torch.einsum):
         return ScoreChain(qk=node)
+    if is_call(node, torch.baddbmm, "baddbmm"):  # beta * input + alpha * (q @ k^T)
+        beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+        if beta != 1 or not is_scalar(alpha):
+            raise NoMatch(f"baddbmm with beta={beta}, alpha={alpha}")
+        return ScoreChain(qk=node, steps=[ScoreStep("scale", alpha), ScoreStep("add", node.args[0])])
     for step_fn in SCORE_STEPS:
         found = step_fn(node)
         if found is None:
@@ -322,10 +328,13 @@ def match_matmul_softmax_matmul(node: fx.Node) -> AttentionSite | None:
         chain = _walk_scores(softmax.args[0])
         qk = _einsum_operands(chain.qk, "qk")
         pre_steps: list[ScoreStep] = []
+        if is_call(chain.qk, torch.einsum) and qk is None:
+            raise NoMatch(f"einsum {chain.qk.args[0]!r} is not q @ k^T")
         if qk is not None:
             q, k = qk
         else:
-            q, k_t = chain.qk.args[0], chain.qk.args[1]
+            offset = 1 if is_call(chain.qk, torch.baddbmm, "baddbmm") else 0
+            q, k_t = chain.qk.args[offset], chain.qk.args[offset + 1]
             k_t = _pre_scale(k_t, pre_steps)
             k = _first(KEY_TRANSPOSES, k_t)
             if k is None:
@@ -394,7 +403,8 @@ def _product(graph: fx.Graph, factors: list[Any]) -> Any:
 
 def emit_sdpa_operands(graph: fx.Graph, site: AttentionSite) -> dict[str, Any]:
     """SDPA-equivalent operands of a hand-written site: q, k, v (rank 4), attn_mask, scale, and
-    whether the output must be squeezed back to rank 3. Call inside ``graph.inserting_before``.
+    whether the output must be squeezed back to rank 3 (dim 1). Call inside
+    ``graph.inserting_before``.
     """
     scale_factors: list[Any] = []
     terms: list[dict[str, Any]] = []
@@ -414,12 +424,12 @@ def emit_sdpa_operands(graph: fx.Graph, site: AttentionSite) -> dict[str, Any]:
         add_scales = [_product(graph, t["factors"]) for t in terms if t["kind"] == "add"]
         keeps = [t["node"] for t in terms if t["kind"] == "keep" and not t["invert"]]
         drops = [t["node"] for t in terms if t["kind"] == "keep" and t["invert"]]
-        from ..kernels.attention import combine_masks
-
         mask = graph.call_function(combine_masks, (adds, add_scales, keeps, drops))
     q, k, v = site.q, site.k, site.v
     squeeze = rank(q) == 3
-    if squeeze:
-        q, k, v = (graph.call_method("unsqueeze", (x, 0)) for x in (q, k, v))
+    if squeeze:  # [B*H, L, D] batched matmuls: B*H batches of one head each
+        q, k, v = (graph.call_method("unsqueeze", (x, 1)) for x in (q, k, v))
+        if mask is not None:
+            mask = graph.call_function(rank3_mask_to_rank4, (mask,))
     return {"q": q, "k": k, "v": v, "attn_mask": mask, "scale": _product(graph, scale_factors),
             "squeeze": squeeze}

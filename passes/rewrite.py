@@ -144,8 +144,10 @@ def _new_input(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
 def _rewrite(gm: fx.GraphModule, site: AttentionSite, inputs, settings: RewriteSettings,
              result: RewriteResult) -> None:
     q, k = example_value(site.q), example_value(site.k)
-    heads, dim = int(q.shape[1]), int(q.shape[3])
-    kv_heads = int(k.shape[1])
+    if q.dim() == 3:  # batched matmuls over [B*H, L, D]: one head per batch entry
+        heads, kv_heads, dim = 1, 1, int(q.shape[2])
+    else:
+        heads, kv_heads, dim = int(q.shape[1]), int(k.shape[1]), int(q.shape[3])
     wq = find_projection_weight(site.q, heads * dim, inputs)
     wk = find_projection_weight(site.k, kv_heads * dim, inputs)
     init = initial_indexer(heads, kv_heads, dim, settings.index_heads, settings.index_dim, wq, wk)
@@ -173,7 +175,7 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, inputs, settings: RewriteS
         replacement.meta.update(site.node.meta)
         result_node = replacement
         if operands["squeeze"]:
-            result_node = graph.call_method("squeeze", (replacement, 0))
+            result_node = graph.call_method("squeeze", (replacement, 1))
     site.node.replace_all_uses_with(result_node)
     graph.erase_node(site.node)
     for dead in site.extra.get("chain_nodes", []):  # the dense scores and probabilities
