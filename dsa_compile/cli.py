@@ -20,6 +20,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     ops = sub.add_parser("ops", help="list the registered dsa ops and their schemas")
     ops.set_defaults(handler=_list_ops)
+
+    demo = sub.add_parser("demo", help="the main job on the embedded MiniLM: sites, exactness, "
+                                       "selection recall, embedding similarity, speed")
+    demo.add_argument("--topk", type=int, default=64)
+    demo.add_argument("--length", type=int, default=512)
+    demo.add_argument("--no-speed", action="store_true", help="skip the Inductor timing")
+    demo.add_argument("--json", action="store_true", help="print JSON instead of a report")
+    demo.set_defaults(handler=_demo)
+
+    inspect = sub.add_parser("inspect", help="list the attention sites of a model and whether "
+                                             "each would be rewritten (and why not)")
+    inspect.add_argument("model", help="'minilm' (the embedded default) or a local HF model "
+                                       "directory (safetensors weights)")
+    inspect.add_argument("--length", type=int, default=128, help="tokens of the probe input")
+    inspect.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa",
+                         help="HF attention implementation to load")
+    inspect.add_argument("--topk", type=int, default=2048)
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.set_defaults(handler=_inspect)
     return parser
 
 
@@ -30,6 +49,52 @@ def _list_ops(_: argparse.Namespace) -> int:
 
     for name in ("indexer_scores", "indexer_topk", "sparse_attention"):
         print(getattr(torch.ops.dsa, name).default._schema)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import json
+
+    from .demo import format_report, run_demo
+
+    result = run_demo(topk=args.topk, length=args.length, speed=not args.no_speed)
+    if args.json:
+        result.pop("sites_table")
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_report(result))
+    return 0
+
+
+def _load_model(name: str, attn: str):
+    from pathlib import Path
+
+    if name == "minilm":
+        from .demo import load_minilm
+
+        return load_minilm(attn)[0]
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"dsa inspect: {name!r} is neither 'minilm' nor a directory with a "
+                         "config.json (models are loaded from local files only)")
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                     attn_implementation=attn).eval()
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .api import explain
+
+    model = _load_model(args.model, args.attn)
+    vocab = getattr(model.config, "vocab_size", 1000)
+    ids = torch.randint(0, vocab, (1, args.length), generator=torch.Generator().manual_seed(0))
+    report = explain(model, ids, topk=args.topk)
+    print(json.dumps(report.sites, indent=2) if args.json else report.table())
     return 0
 
 

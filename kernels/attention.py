@@ -14,10 +14,29 @@ is selected, so that is exactly what the sparse path would compute, only faster.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
 from .ops import indexer_topk, sparse_attention
+
+# Set by capture_selections(): a list that receives each site's selection (for measurements).
+_capture: list[torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def capture_selections() -> Iterator[list[torch.Tensor]]:
+    """Collects the indices (``[B, rows, topk]``) each rewritten site selects, in call order,
+    also when a site runs dense (short sequences), so selection quality can be measured on the
+    dense model's own q and k. For eager-mode graphs (compiled code does not call back)."""
+    global _capture
+    previous, _capture = _capture, []
+    try:
+        yield _capture
+    finally:
+        _capture = previous
 
 
 def mask_to_bias_and_visibility(
@@ -75,7 +94,7 @@ def dsa_attention(
     """
     batch, heads, lq, dim = q.shape
     kv_heads, lk = k.shape[1], k.shape[2]
-    if lk <= dense_up_to:
+    if lk <= dense_up_to and _capture is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                               scale=scale, enable_gqa=enable_gqa)
     index_dim = k_proj.shape[1]
@@ -89,6 +108,12 @@ def dsa_attention(
     bias, visible = mask_to_bias_and_visibility(attn_mask, batch, lq, lk)
     indices = indexer_topk(q_idx, k_idx, weights, topk, is_causal, 0, visible, query_block,
                            key_block, candidate_blocks)
+    if _capture is not None:
+        _capture.append(indices)
+        if lk <= dense_up_to:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                  is_causal=is_causal, scale=scale,
+                                                  enable_gqa=enable_gqa)
     out, _ = sparse_attention(q, k, v, indices, scale, bias, is_causal, 0, query_block)
     return out
 
