@@ -29,6 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print JSON instead of a report")
     demo.set_defaults(handler=_demo)
 
+    bench = sub.add_parser("bench", help="end-to-end prefill of a Llama-shaped model: "
+                                         "backend='dsa' against backend='inductor' (dense)")
+    bench.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    bench.add_argument("--layers", type=int, default=8)
+    bench.add_argument("--repeats", type=int, default=2)
+    bench.add_argument("--topk", type=int, default=2048)
+    bench.add_argument("--out", default="benchmarks/results/llama_prefill",
+                       help="writes OUT.md, OUT.json and OUT.png")
+    bench.set_defaults(handler=_bench)
+
     inspect = sub.add_parser("inspect", help="list the attention sites of a model and whether "
                                              "each would be rewritten (and why not)")
     inspect.add_argument("model", help="'minilm' (the embedded default) or a local HF model "
@@ -63,6 +73,18 @@ def _demo(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(format_report(result))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import render_table, run_bench, save
+    from .config import DSAConfig
+
+    result = run_bench(args.lengths, args.layers, args.repeats, DSAConfig(topk=args.topk))
+    print(render_table(result))
+    save(result, Path(args.out))
     return 0
 
 

@@ -1,0 +1,105 @@
+"""``dsa bench``: end-to-end prefill of a Llama-shaped model, ``backend="dsa"`` against
+``backend="inductor"`` (dense) in the same run, with a ratio table and a PNG plot."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .backend import make_backend
+from .config import DSAConfig
+
+MODEL_SHAPE = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+                   num_key_value_heads=4, intermediate_size=2816)
+
+
+def llama_model(layers: int, seed: int = 0) -> torch.nn.Module:
+    """A Llama-shaped decoder (random weights; no LM head: prefill hidden states)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=1000, max_position_embeddings=131072,
+                         attn_implementation="sdpa", **{**MODEL_SHAPE, "num_hidden_layers": layers})
+    return LlamaModel(config).eval()
+
+
+def _best_time(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _time_backend(model, backend, lengths: list[int], repeats: int) -> list[tuple[float, float]]:
+    """(best seconds, warm-up seconds) per length for one backend (compiled once, dynamic)."""
+    torch.compiler.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    times = []
+    with torch.no_grad():
+        for length in lengths:
+            ids = torch.randint(0, 1000, (1, length), generator=torch.Generator().manual_seed(length))
+            start = time.perf_counter()
+            compiled(ids)  # compile / warm up outside the timed region
+            warm = time.perf_counter() - start
+            times.append((_best_time(lambda i=ids: compiled(i), repeats), warm))
+    return times
+
+
+def run_bench(lengths: list[int], layers: int = 8, repeats: int = 2,
+              config: DSAConfig | None = None, progress=print) -> dict[str, Any]:
+    """Times prefill at each length with both backends, one backend after the other."""
+    config = config or DSAConfig()
+    model = llama_model(layers)
+    dense = _time_backend(model, "inductor", lengths, repeats)
+    progress("dense: " + ", ".join(f"{n}: {t:.2f} s" for n, (t, _) in zip(lengths, dense, strict=True)))
+    sparse = _time_backend(model, make_backend(config), lengths, repeats)
+    torch.compiler.reset()
+    rows = []
+    for length, (t_dense, _), (t_sparse, _) in zip(lengths, dense, sparse, strict=True):
+        rows.append({"tokens": length, "inductor_s": t_dense, "dsa_s": t_sparse,
+                     "speedup": t_dense / t_sparse})
+        progress(f"{length:>6} tokens: inductor {t_dense:.2f} s, dsa {t_sparse:.2f} s, "
+                 f"{t_dense / t_sparse:.2f}x")
+    return {"date": str(datetime.date.today()), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "model": {**MODEL_SHAPE, "num_hidden_layers": layers},
+            "config": {k: v for k, v in vars(config).items()}, "rows": rows}
+
+
+def render_table(result: dict[str, Any]) -> str:
+    lines = ["| tokens | inductor (dense) s | dsa s | speed-up |", "|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['tokens']} | {row['inductor_s']:.2f} | {row['dsa_s']:.2f} | "
+                     f"{row['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def save(result: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    meta = (f"{result['date']}, torch {result['torch']}, {result['threads']} CPU threads, "
+            f"model {result['model']}, dsa config {result['config']}")
+    out.with_suffix(".md").write_text(f"{meta}\n\n{render_table(result)}\n")
+    tokens = [r["tokens"] for r in result["rows"]]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(tokens, [r["speedup"] for r in result["rows"]], "o-", label="dsa / inductor (dense)")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(tokens, [f"{t // 1024}K" if t >= 1024 else str(t) for t in tokens])
+    ax.set_xlabel("prefill tokens")
+    ax.set_ylabel("speed-up over dense Inductor (x)")
+    ax.set_title(f"Llama-shaped prefill on CPU ({result['model']['num_hidden_layers']} layers)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
