@@ -7,6 +7,7 @@ are registered as ``torch.ops.dsa.*`` on import and exposed here as Python funct
 from ._version import __version__
 from .api import ExplainReport, compile, explain
 from .config import DSAConfig, DSAConfigError
+from .export import export
 from .kernels import DSAInputError, indexer_scores, indexer_topk, sparse_attention
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "ExplainReport",
     "compile",
     "explain",
+    "export",
     "__version__",
     "indexer_scores",
     "indexer_topk",

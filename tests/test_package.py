@@ -66,3 +66,11 @@ def test_attention_with_lse_flash_matches_math(use_mask):
     torch.testing.assert_close(fast[1], slow[1], atol=1e-6, rtol=1e-5)
     if use_mask:
         assert torch.isneginf(fast[1][..., 2]).all() and (fast[0][..., 2, :] == 0).all()
+
+
+def test_checkout_root_on_sys_path_does_not_register_the_ops_twice():
+    """From the repository root, `import kernels` finds this folder: it must stay inert."""
+    code = ("import kernels, dsa_compile, torch;"
+            "q = torch.randn(1, 1, 3, 4); i = torch.zeros(1, 3, 1, dtype=torch.int32);"
+            "print(kernels._SHADOW, bool(torch.isfinite(dsa_compile.sparse_attention(q, q, q, i)[0]).all()))")
+    assert run_python(code, REPO) == "True True"
