@@ -118,6 +118,25 @@ def dsa_attention(
     return out
 
 
+def indexed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    indices: torch.Tensor,
+    *,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+) -> torch.Tensor:
+    """SDPA restricted to the keys a model's own indexer chose (``indices [B, Lq, K]``), with
+    ``attn_mask`` (the mask before the index mask was folded in) as bias."""
+    batch, _, lq, _ = q.shape
+    bias, _ = mask_to_bias_and_visibility(attn_mask, batch, lq, k.shape[2])
+    out, _ = sparse_attention(q, k, v, indices, scale, bias, is_causal, 0, 1)
+    return out
+
+
 def combine_masks(
     additive: list[torch.Tensor],
     scales: list[float],

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from .handwritten import match_matmul_softmax_matmul
+from .model_indexer import use_model_indexer
 from .sites import AttentionSite, example_value
 
 _SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
@@ -75,6 +76,10 @@ CATALOG: list[Callable[[fx.Node], AttentionSite | None]] = [
     match_sdpa,
     match_matmul_softmax_matmul,
 ]
+
+
+# Applied to every matched site, in order: each may refine what the rewrite will do.
+REFINEMENTS: list[Callable[[AttentionSite], None]] = [use_model_indexer]
 
 
 def pattern_names() -> list[str]:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..kernels.attention import dsa_attention
+from ..kernels.attention import dsa_attention, indexed_attention
 from .handwritten import emit_sdpa_operands
 from .indexer_init import find_projection_weight, initial_indexer
-from .patterns import CATALOG
+from .patterns import CATALOG, REFINEMENTS
 from .sites import AttentionSite, example_value
 
 
@@ -64,6 +64,8 @@ def find_sites(graph: fx.Graph) -> list[AttentionSite]:
         for pattern in CATALOG:
             site = pattern(node)
             if site is not None:
+                for refine in REFINEMENTS:
+                    refine(site)
                 sites.append(site)
                 break
     return sites
@@ -126,7 +128,7 @@ def rewrite_sites(
 
 
 def _sdpa_operands(graph: fx.Graph, site: AttentionSite) -> dict:
-    if site.pattern == "matmul_softmax_matmul":
+    if "steps" in site.extra:  # a hand-written site: rebuild scale and mask from its steps
         return emit_sdpa_operands(graph, site)
     return {"q": site.q, "k": site.k, "v": site.v, "attn_mask": site.attn_mask,
             "scale": site.scale, "squeeze": False}
@@ -141,8 +143,65 @@ def _new_input(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
     return node
 
 
+def _replace(graph: fx.Graph, site: AttentionSite, replacement: fx.Node, squeeze: bool) -> None:
+    """Puts ``replacement`` in place of the site's output and drops what only fed the site."""
+    replacement.meta.update(site.node.meta)
+    result_node = replacement
+    if squeeze:
+        with graph.inserting_after(replacement):
+            result_node = graph.call_method("squeeze", (replacement, 1))
+    site.node.replace_all_uses_with(result_node)
+    graph.erase_node(site.node)
+    site.node = replacement
+    dead = [*site.extra.get("chain_nodes", []), site.extra.get("index_mask")]
+    _erase_unused(graph, [n for n in dead if n is not None])
+
+
+def _erase_unused(graph: fx.Graph, nodes: list[fx.Node], depth: int = 8) -> None:
+    """Erases out-of-place computations that nothing uses any more, walking up their inputs."""
+    erased: set[fx.Node] = set()
+    for _ in range(depth):
+        next_nodes = []
+        for node in nodes:
+            if node in erased or node.users or node.op not in ("call_function", "call_method"):
+                continue
+            if _mutates(node):
+                continue  # never drop a mutation
+            next_nodes.extend(node.all_input_nodes)
+            graph.erase_node(node)
+            erased.add(node)
+        nodes = next_nodes
+
+
+def _mutates(node: fx.Node) -> bool:
+    """In-place ops (``x.add_(...)``, ``torch.relu_``); ``operator.and_`` and friends are not."""
+    if node.op == "call_function" and getattr(node.target, "__module__", "") == "_operator":
+        return False
+    name = str(getattr(node.target, "__name__", node.target))
+    return name.endswith("_") and not name.startswith("__")
+
+
+def _rewrite_with_model_indices(gm: fx.GraphModule, site: AttentionSite) -> None:
+    graph = gm.graph
+    with graph.inserting_before(site.node):
+        operands = _sdpa_operands(graph, site)
+        replacement = graph.call_function(
+            indexed_attention,
+            args=(operands["q"], operands["k"], operands["v"], operands["attn_mask"],
+                  site.extra["model_indices"]),
+            kwargs=dict(is_causal=site.is_causal, scale=operands["scale"],
+                        enable_gqa=site.enable_gqa),
+        )
+    _replace(graph, site, replacement, operands["squeeze"])
+    site.index_init = "the model's own indexer"
+    site.reason = "rewritten: sparse attention on the model's top-k indices (no dense mask)"
+
+
 def _rewrite(gm: fx.GraphModule, site: AttentionSite, inputs, settings: RewriteSettings,
              result: RewriteResult) -> None:
+    if "model_indices" in site.extra:
+        _rewrite_with_model_indices(gm, site)
+        return
     q, k = example_value(site.q), example_value(site.k)
     if q.dim() == 3:  # batched matmuls over [B*H, L, D]: one head per batch entry
         heads, kv_heads, dim = 1, 1, int(q.shape[2])
@@ -172,15 +231,6 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, inputs, settings: RewriteS
                 candidate_blocks=settings.candidate_blocks,
             ),
         )
-        replacement.meta.update(site.node.meta)
-        result_node = replacement
-        if operands["squeeze"]:
-            result_node = graph.call_method("squeeze", (replacement, 1))
-    site.node.replace_all_uses_with(result_node)
-    graph.erase_node(site.node)
-    for dead in site.extra.get("chain_nodes", []):  # the dense scores and probabilities
-        if not dead.users:
-            graph.erase_node(dead)
-    site.node = replacement
+    _replace(graph, site, replacement, operands["squeeze"])
     site.index_init = init.source
     site.reason = f"rewritten: top-{settings.topk} above {settings.dense_up_to} keys"

@@ -106,3 +106,24 @@ def test_include_exclude_select_sites():
     report = dsa_compile.explain(model, ids, topk=8, include=["*.layers.1.*"])
     assert [s["rewritten"] for s in report.sites] == [False, True]
     assert "layers.1.self_attn" in report.table()
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_deepseek_v32_runs_sparse_on_its_own_indexer(impl):
+    """HF folds DeepseekV32's top-k into a dense mask; the rewrite uses the indices directly."""
+    model = tiny_model("deepseek_v32", impl)
+    ids = torch.randint(0, 100, (1, 40))  # index_topk = 8 < 40: really sparse
+    report = dsa_compile.explain(model, ids)
+    assert len(report.rewritten) == LAYERS, report.table()
+    assert all(s["pattern"].endswith("+model_indexer") for s in report.sites)
+    graphs = []
+    backend = dsa_compile.backend.make_backend(dsa_compile.DSAConfig(mode="eager"), graphs.append)
+    torch.compiler.reset()
+    with torch.no_grad(), OpCounter() as counter:
+        out = torch.compile(model, backend=backend)(ids).logits
+        reference = model(ids).logits
+    torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-4)
+    assert counter.counts.get("dsa.sparse_attention") == LAYERS
+    assert counter.counts.get("dsa.indexer_topk") is None  # the model's indexer selects
+    rewritten_code = graphs[0].graph_module.code
+    assert "scatter" not in rewritten_code  # the dense [B, 1, S, T] index mask is gone
