@@ -39,7 +39,7 @@ def make_backend(
         rewritten, extra = result.graph_module, result.extra_inputs
         if config.mode == "eager":
             return with_extra_inputs(rewritten.forward, extra)
-        compiled = compile_with_inductor(rewritten, [*example_inputs, *extra])
+        compiled = compile_with_inductor(rewritten, example_inputs, extra)
         return with_extra_inputs(compiled, extra)
 
     return backend

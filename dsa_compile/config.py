@@ -37,7 +37,7 @@ class DSAConfig:
     exclude: tuple[str, ...] = ()
     index_heads: int = 4
     index_dim: int = 64
-    query_block: int = 64
+    query_block: int = 128
     key_block: int = 64
     candidate_blocks: int = 0
     mode: str = "inductor"

@@ -82,6 +82,22 @@ def test_inductor_compiles_the_rewritten_llama():
         torch.testing.assert_close(exact(ids).logits, reference, atol=2e-5, rtol=1e-4)
 
 
+def test_inductor_with_dynamic_lengths_matches_the_eager_rewrite():
+    model = tiny_model("llama", "sdpa")
+    options = {"topk": 16, "query_block": 4}
+    graphs = []
+    backend = dsa_compile.backend.make_backend(dsa_compile.DSAConfig(**options), graphs.append)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    eager = torch.compile(model, backend="dsa", options={**options, "mode": "eager"},
+                          dynamic=True)
+    with torch.no_grad():
+        for length in (20, 33, 47):
+            ids = torch.randint(0, 100, (1, length))
+            torch.testing.assert_close(compiled(ids).logits, eager(ids).logits, atol=1e-4,
+                                       rtol=1e-4)
+    assert len(graphs) == 1
+
+
 def test_dynamic_lengths_do_not_recompile_per_length():
     model = tiny_model("llama", "eager")
     graphs = []

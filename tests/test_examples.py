@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+import torch
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -15,6 +18,11 @@ def load(name: str):
     return module
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch.compiler.reset()
+
+
 def test_ops_quickstart():
     report = load("ops_quickstart").main(length=300, topk=64)
     assert report["max_abs_err_full_selection_vs_sdpa"] < 1e-5
@@ -22,3 +30,24 @@ def test_ops_quickstart():
     assert report["rows_tile_shared"] == 5
     assert 0 < report["rel_diff_sparse_vs_dense"] < 1.5
     assert report["lse_finite"]
+
+
+def test_compile_hf_model():
+    result = load("compile_hf_model").main(short=32, long=96, topk=48)
+    assert result["short_max_abs_diff"] < 1e-4
+    assert result["long_top1_agreement"] > 0.3
+
+
+def test_explain_sites():
+    report = load("explain_sites").main()
+    assert [s["rewritten"] for s in report.sites] == [True, False]
+    assert "soft-capping" in report.sites[1]["reason"]
+
+
+def test_benchmark_prefill(monkeypatch):
+    module = load("benchmark_prefill")
+    monkeypatch.setattr("dsa_compile.bench.MODEL_SHAPE", dict(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128))
+    result = module.main(["--lengths", "64", "--layers", "1"])
+    assert result["rows"][0]["tokens"] == 64
