@@ -28,7 +28,8 @@ def llama_model(layers: int, seed: int = 0) -> torch.nn.Module:
     return LlamaModel(config).eval()
 
 
-def _best_time(fn, repeats: int) -> float:
+def best_time(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` calls of ``fn``, in seconds."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -48,7 +49,7 @@ def _time_backend(model, backend, lengths: list[int], repeats: int) -> list[tupl
             start = time.perf_counter()
             compiled(ids)  # compile / warm up outside the timed region
             warm = time.perf_counter() - start
-            times.append((_best_time(lambda i=ids: compiled(i), repeats), warm))
+            times.append((best_time(lambda i=ids: compiled(i), repeats), warm))
     return times
 
 

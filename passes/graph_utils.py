@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -59,12 +58,6 @@ def normalized_dim(dim: Any, ndim: int | None) -> int | None:
     if not isinstance(dim, int) or ndim is None:
         return None
     return dim % ndim
-
-
-def only_user(node: fx.Node, allowed: Iterable[fx.Node]) -> bool:
-    """True if every user of ``node`` is in ``allowed``."""
-    allowed = set(allowed)
-    return all(user in allowed for user in node.users)
 
 
 MATMULS = (torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm", "__matmul__")

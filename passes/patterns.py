@@ -8,7 +8,6 @@ rewritten exactly). Add a spelling by adding one function to :data:`CATALOG` and
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -80,12 +79,3 @@ CATALOG: list[Callable[[fx.Node], AttentionSite | None]] = [
 
 # Applied to every matched site, in order: each may refine what the rewrite will do.
 REFINEMENTS: list[Callable[[AttentionSite], None]] = [use_model_indexer]
-
-
-def pattern_names() -> list[str]:
-    return [fn.__name__.removeprefix("match_") for fn in CATALOG]
-
-
-def describe_catalog() -> str:
-    return "\n".join(f"{fn.__name__.removeprefix('match_')}: {inspect.getdoc(fn)}"
-                     for fn in CATALOG)
