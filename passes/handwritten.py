@@ -79,16 +79,16 @@ def step_scale_mul(node: fx.Node) -> tuple[fx.Node, ScoreStep] | None:
         return None
     a, b = node.args[0], node.args[1]
     if is_scalar(b) and isinstance(a, fx.Node):
-        return a, ScoreStep("scale", b)
+        return a, ScoreStep("scale", _scale_factor(b))
     if is_scalar(a) and isinstance(b, fx.Node):
-        return b, ScoreStep("scale", a)
+        return b, ScoreStep("scale", _scale_factor(a))
     return None
 
 
 def step_scale_div(node: fx.Node) -> tuple[fx.Node, ScoreStep] | None:
     if is_call(node, operator.truediv, torch.div, "div") and is_scalar(node.args[1]) and \
             isinstance(node.args[0], fx.Node) and arg(node, 2, "rounding_mode") is None:
-        return node.args[0], ScoreStep("scale", ("reciprocal", node.args[1]))
+        return node.args[0], ScoreStep("scale", ("reciprocal", _scale_factor(node.args[1])))
     return None
 
 
@@ -103,8 +103,28 @@ def step_add_mask(node: fx.Node) -> list[tuple[fx.Node, ScoreStep]] | None:
     return [(a, ScoreStep("add", b)), (b, ScoreStep("add", a))]
 
 
+def literal(value: Any) -> Any:
+    """A number written into the graph as a 0-d tensor (``torch.full((), v)``,
+    ``torch.tensor(v)``, as in HF GPT2 / DistilBert) -> ``v``; anything else unchanged."""
+    if is_call(value, torch.full) and tuple(value.args[0]) == () and \
+            isinstance(value.args[1], (int, float)):
+        return value.args[1]
+    if is_call(value, torch.tensor) and isinstance(value.args[0], (int, float)):
+        return value.args[0]
+    return value
+
+
 def _fill_is_mask(value: Any) -> bool:
+    value = literal(value)
     return isinstance(value, (int, float)) and value <= MASK_FILL_MAX
+
+
+def _scale_factor(value: Any) -> Any:
+    """A scale usable by SDPA: a number, or a node computing a Python number (e.g. ``.item()``)."""
+    value = literal(value)
+    if isinstance(value, fx.Node) and tensor_value(value) is not None:
+        raise NoMatch("the scale is a run-time tensor, not a number")
+    return value
 
 
 def step_masked_fill(node: fx.Node) -> tuple[fx.Node, ScoreStep] | None:

@@ -97,6 +97,20 @@ SPELLINGS = {
     "eval_dropout": (lambda q, k, v, m: torch.matmul(F.dropout(torch.softmax(
         q @ k.transpose(-2, -1) * 0.3, -1), p=0.1, training=False), v),
         H, 4, "matmul_softmax_matmul", True, ""),
+    "distilbert_full_fill": (lambda q, k, v, m: torch.softmax(  # Inductor's _sfdp_pattern_15
+        (q @ k.transpose(-2, -1)).div(math.sqrt(D)).masked_fill(
+            ((torch.arange(q.shape[2]) < q.shape[2] - 3).float() == 0).view(1, 1, 1, q.shape[2])
+            .expand(q.shape[0], H, q.shape[2], q.shape[2]),
+            torch.full((), -float("inf"), dtype=q.dtype)), dim=-1) @ v,
+        H, 4, "matmul_softmax_matmul", True, ""),
+    "gpt2_full_scale_where": (lambda q, k, v, m: torch.matmul(torch.softmax(torch.where(  # _18
+        causal_bool(q.shape[2]), torch.matmul(q, k.permute(0, 1, 3, 2))
+        / torch.full([], D**0.5, dtype=q.dtype),
+        torch.full([], torch.finfo(q.dtype).min, dtype=q.dtype)), dim=-1), v),
+        H, 4, "matmul_softmax_matmul", True, ""),
+    "tensor_scale_at_run_time": (lambda q, k, v, m: torch.matmul(torch.softmax(
+        q @ k.transpose(-2, -1) * torch.ones(()).mul(0.3), -1), v),
+        H, 4, "matmul_softmax_matmul", False, "run-time tensor"),
     "softcap_tanh": (lambda q, k, v, m: torch.matmul(torch.softmax(
         torch.tanh(q @ k.transpose(-2, -1) / 50.0) * 50.0, -1), v),
         H, 4, "matmul_softmax_matmul", False, "soft-capping"),
