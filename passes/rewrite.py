@@ -211,7 +211,9 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, inputs, settings: RewriteS
     wk = find_projection_weight(site.k, kv_heads * dim, inputs)
     init = initial_indexer(heads, kv_heads, dim, settings.index_heads, settings.index_dim, wq, wk)
     path = _unique_path(result.indexers, site.module_path)
-    indexer = IndexerParameters(init.q_proj, init.k_proj, init.head_weights)
+    device = q.device  # the indexer lives where the site's activations live
+    indexer = IndexerParameters(init.q_proj.to(device), init.k_proj.to(device),
+                                init.head_weights.to(device))
     result.indexers[path] = indexer
     params = []
     for name in ("q_proj", "k_proj", "head_weights"):
