@@ -94,9 +94,14 @@ def dsa_attention(
     """
     batch, heads, lq, dim = q.shape
     kv_heads, lk = k.shape[1], k.shape[2]
-    if lk <= dense_up_to and _capture is None:
+    dense = lk <= dense_up_to
+
+    def sdpa() -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                               scale=scale, enable_gqa=enable_gqa)
+
+    if dense and _capture is None:
+        return sdpa()
     index_dim = k_proj.shape[1]
     index_heads = head_weights.shape[0]
     proj_dtype = q_proj.dtype
@@ -110,10 +115,8 @@ def dsa_attention(
                            key_block, candidate_blocks)
     if _capture is not None:
         _capture.append(indices)
-        if lk <= dense_up_to:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                                  is_causal=is_causal, scale=scale,
-                                                  enable_gqa=enable_gqa)
+        if dense:  # measuring only: the site still computes what it would without the probe
+            return sdpa()
     out, _ = sparse_attention(q, k, v, indices, scale, bias, is_causal, 0, query_block)
     return out
 
@@ -163,5 +166,6 @@ def combine_masks(
 
 
 def rank3_mask_to_rank4(mask: torch.Tensor) -> torch.Tensor:
-    """A mask of rank-3 attention (``[B*H | 1, Lq, Lk]``) for its rank-4 form ``[B*H, 1, L, D]``."""
+    """A mask of rank-3 attention (``[B*H | 1, Lq, Lk]``) for its rank-4 form
+    (``[B*H, 1, Lq, Lk]``: one head per batch entry)."""
     return mask.unsqueeze(1) if mask.dim() == 3 else mask

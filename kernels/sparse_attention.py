@@ -160,8 +160,9 @@ def sparse_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, H, Lq, Dv] in q's dtype, lse fp32 [B, H, Lq])``; see ``dsa::sparse_attention``."""
     # Models hand over transposed views ([B, L, H, D] memory); gathering key rows from those is
-    # a strided copy several times slower than from contiguous memory: copy once instead.
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    # a strided copy several times slower than from contiguous memory: copy k, v once instead
+    # (q is copied chunk by chunk anyway).
+    k, v = k.contiguous(), v.contiguous()
     batch, heads, lq, _ = q.shape
     dv = v.shape[3]
     out = torch.zeros(batch, heads, lq, dv, dtype=q.dtype, device=q.device)
@@ -212,7 +213,7 @@ def sparse_attention_backward(
     With ``ds = p * (dp - delta + grad_lse)`` (``delta = rowsum(dO * O)``):
     ``dv = p^T dO``, ``dq = scale * ds K``, ``dk = scale * ds^T Q``, ``dbias = ds``.
     """
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # see sparse_attention_forward
+    k, v = k.contiguous(), v.contiguous()  # see sparse_attention_forward
     batch, heads, lq, dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads

@@ -393,6 +393,9 @@ def _check_shapes(site: AttentionSite) -> None:
         raise NoMatch(f"q, k, v ranks {q.dim()}, {k.dim()}, {v.dim()} (expected 3 or 4)")
     if q.dim() == 4 and (q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1]):
         raise NoMatch(f"head counts q={q.shape[1]}, k={k.shape[1]}, v={v.shape[1]} do not form GQA")
+    if k.shape[-2] != v.shape[-2] or q.shape[-1] != k.shape[-1]:
+        raise NoMatch(f"q @ k^T and p @ v do not pair up: k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                      f"q {tuple(q.shape)}")
     if q.dim() == 3 and not (q.shape[0] == k.shape[0] == v.shape[0]):
         raise NoMatch("batched matmul operands have different batch sizes")
 

@@ -181,3 +181,25 @@ def test_softmax_over_another_dim_is_not_rewritten():
     report = dsa_compile.explain(WrongDim(), q, q, q, topk=2)
     assert report.rewritten == []
     assert "last (key) dim" in report.sites[0]["reason"]
+
+
+def test_an_added_matmul_of_another_length_keeps_the_site_dense():
+    """Scores plus a relative-position term from another matmul: whichever operand the walk
+    takes as q @ k^T, a rewrite that cannot pair k with v must not happen (nor crash)."""
+
+    class RelativeScores(nn.Module):
+        def forward(self, q, k, v, rel):
+            scores = (q @ rel.transpose(-2, -1))[..., : k.shape[2]] + q @ k.transpose(-2, -1)
+            return torch.softmax(scores, -1) @ v
+
+    q, rel = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 9, 4)
+    module = RelativeScores()
+    report = dsa_compile.explain(module, q, q, q, rel, topk=2)
+    assert len(report.sites) == 1
+    torch.compiler.reset()
+    compiled = torch.compile(module, backend="dsa", options={"topk": 2, "mode": "eager"})
+    if report.sites[0]["rewritten"]:  # the chain took q @ k^T as the scores: still exact
+        reference = module(q, q, q, rel)
+        full = torch.compile(module, backend="dsa", options={"topk": 6, "mode": "eager"})
+        torch.testing.assert_close(full(q, q, q, rel), reference, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(compiled(q, q, q, rel)).all()
