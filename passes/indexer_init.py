@@ -18,6 +18,31 @@ eigenvectors of ``Wk Wk^T / tr + C_q / tr`` with ``C_q = sum_h Wq_h Wq_h^T`` map
 blocks. For isotropic inputs these are the key/query covariances, so the projection keeps the
 directions the logits live in (no data needed). Without weights a plain coordinate
 projection is used, and ``explain()`` says so.
+
+**RoPE-aware basis.** With rotary embeddings the indexer sees ``R_t q`` and ``R_s k``, where
+``R_t`` rotates plane f of every head (dims ``f`` and ``f + D/2`` in HF's rotate_half layout)
+by the angle ``theta_f t``. A generic ``P`` does not commute with ``R_t``: ``P^T R_t`` mixes the
+planes it keeps with planes it dropped, so post-RoPE the projection loses a position-dependent
+part of the logits. Write plane f of all kv heads as a complex vector ``z_f = a_f + i b_f`` in
+``C^Hkv`` (``a``, ``b`` = the two plane coordinates per head); RoPE multiplies it by the scalar
+``e^{i theta_f t}``. A complex functional ``c = u^H z_f`` (``u`` in ``C^Hkv``) picks up the same
+phase, so the two real coordinates ``(Re c, Im c)`` (two orthonormal columns of ``P``: ``(x, y)``
+and ``(-y, x)`` on the ``(a, b)`` dims, ``u = x + i y``) rotate by the same 2x2 rotation:
+``P^T R_t = R'_t P^T`` with ``R'_t`` rotating each indexer pair by its plane's angle. Then
+
+    (P^T R_t q) . (P^T R_s k) = (P^T q) . R'_{s-t} (P^T k)
+
+depends on ``s - t`` only, like the logits themselves, and projecting before or after RoPE
+gives the same scores. Among such bases the best one keeps the most energy: the energy of the
+pair ``u`` is ``u^H C_f u`` with the Hermitian ``C_f = A + B + i (C^T - C)``, where
+``[[A, C], [C^T, B]]`` is the covariance above restricted to the ``(a, b)`` dims of plane f.
+So each plane is eigendecomposed (``Hkv x Hkv``), and the DI/2 largest eigenvalues over all
+planes give the pairs (an odd DI leaves one zero column). ``C_f`` is also the covariance of
+the rotated vectors averaged over positions whose angles cover the circle evenly; a plane that
+turns little over the context (low frequency, short context) is nearly static, and there a
+real, non-commuting basis can keep more (benchmarks/rope_init_recall.py measures both).
+:func:`..rotary.applies_rotary` tells the rewrite when a site applies RoPE;
+``IndexerInit.rotary_planes`` records the plane of each pair.
 """
 
 from __future__ import annotations
@@ -38,6 +63,8 @@ class IndexerInit:
     k_proj: torch.Tensor  # [Hkv * D, DI]
     head_weights: torch.Tensor  # [HI]
     source: str  # how it was initialised, for explain()
+    # RoPE-aware init: the rotary plane f of indexer dims (2p, 2p + 1), one entry per pair p.
+    rotary_planes: tuple[int, ...] = ()
 
 
 def find_projection_weight(
@@ -71,8 +98,9 @@ def find_projection_weight(
     return None
 
 
-def _basis_from_weights(wq: torch.Tensor, wk: torch.Tensor, heads: int, kv_heads: int,
-                        dim: int, index_dim: int) -> torch.Tensor:
+def weight_covariance(wq: torch.Tensor, wk: torch.Tensor, heads: int, kv_heads: int,
+                dim: int) -> torch.Tensor:
+    """``Wk Wk^T / tr + C_q / tr`` over the kv blocks, float64 ``[Hkv * D, Hkv * D]``."""
     wq, wk = wq.double(), wk.double()
     c_k = wk @ wk.T  # [Hkv * D, Hkv * D]
     c_q = torch.zeros_like(c_k)
@@ -81,9 +109,41 @@ def _basis_from_weights(wq: torch.Tensor, wk: torch.Tensor, heads: int, kv_heads
         block = slice((h // group) * dim, (h // group + 1) * dim)
         wq_h = wq[h * dim : (h + 1) * dim]
         c_q[block, block] += wq_h @ wq_h.T
-    cov = c_k / c_k.trace().clamp_min(1e-12) + c_q / c_q.trace().clamp_min(1e-12)
+    return c_k / c_k.trace().clamp_min(1e-12) + c_q / c_q.trace().clamp_min(1e-12)
+
+
+def _basis_from_weights(wq: torch.Tensor, wk: torch.Tensor, heads: int, kv_heads: int,
+                        dim: int, index_dim: int) -> torch.Tensor:
+    cov = weight_covariance(wq, wk, heads, kv_heads, dim)
     _, vectors = torch.linalg.eigh(cov)
     return vectors[:, -index_dim:].flip(-1)
+
+
+def rotary_basis(cov: torch.Tensor, kv_heads: int, dim: int, index_dim: int
+                 ) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """A RoPE-commuting orthonormal basis ``[Hkv * D, index_dim]`` (float64) keeping the most
+    of ``cov`` (rotate_half layout), and the rotary plane of each column pair."""
+    half = dim // 2
+    planes = torch.arange(half)
+    heads = torch.arange(kv_heads) * dim
+    dims_a = heads[None, :] + planes[:, None]  # [D/2, Hkv]: coordinate a of plane f, head g
+    dims_b = dims_a + half
+    cov = cov.double()
+    a = cov[dims_a[:, :, None], dims_a[:, None, :]]  # [D/2, Hkv, Hkv]
+    b = cov[dims_b[:, :, None], dims_b[:, None, :]]
+    c = cov[dims_a[:, :, None], dims_b[:, None, :]]
+    values, vectors = torch.linalg.eigh(torch.complex(a + b, c.mT - c))  # Hermitian per plane
+    # Largest first; ties (e.g. an identity covariance) in plane order.
+    order = torch.sort(-values.flatten(), stable=True).indices[: index_dim // 2]
+    basis = torch.zeros(kv_heads * dim, index_dim, dtype=torch.float64)
+    chosen = []
+    for p, flat in enumerate(order.tolist()):
+        f, m = divmod(flat, kv_heads)
+        u = vectors[f, :, m]
+        basis[dims_a[f], 2 * p], basis[dims_b[f], 2 * p] = u.real, u.imag
+        basis[dims_a[f], 2 * p + 1], basis[dims_b[f], 2 * p + 1] = -u.imag, u.real
+        chosen.append(f)
+    return basis, tuple(chosen)
 
 
 def initial_indexer(
@@ -95,16 +155,40 @@ def initial_indexer(
     wq: torch.Tensor | None,
     wk: torch.Tensor | None,
     dtype: torch.dtype = torch.float32,
+    rotary: bool = False,
 ) -> IndexerInit:
-    """Indexer parameters for a site with ``heads`` query heads, ``kv_heads`` kv heads of dim D."""
+    """Indexer parameters for a site with ``heads`` query heads, ``kv_heads`` kv heads of dim D.
+
+    ``rotary``: the site's q and k carry RoPE (rotate_half layout); the basis then commutes
+    with it (see the module docstring).
+    """
     index_dim = min(index_dim, kv_heads * dim)
     index_heads = min(index_heads, heads)
-    if wq is not None and wk is not None:
+    weights = wq is not None and wk is not None
+    planes: tuple[int, ...] = ()
+    if rotary and dim % 2 == 0:
+        cov = weight_covariance(wq, wk, heads, kv_heads, dim) if weights else \
+            torch.eye(kv_heads * dim, dtype=torch.float64)
+        basis, planes = rotary_basis(cov, kv_heads, dim, index_dim)
+        source = (f"weights, RoPE-aware (top-{len(planes)} rotary-plane eigenvector pairs of "
+                  "Wk Wk^T + Wq Wq^T; commutes with RoPE)" if weights else
+                  f"coordinates, RoPE-aware ({len(planes)} whole rotary planes; no q/k "
+                  "projection found upstream)")
+    elif weights:
         basis = _basis_from_weights(wq, wk, heads, kv_heads, dim, index_dim)
         source = f"weights (top-{index_dim} eigenvectors of Wk Wk^T + Wq Wq^T)"
     else:
         basis = torch.eye(kv_heads * dim, dtype=torch.float64)[:, :index_dim]
         source = f"coordinates (first {index_dim} key dims; no q/k projection found upstream)"
+    return indexer_from_basis(basis, heads, kv_heads, dim, index_heads, source, dtype, planes)
+
+
+def indexer_from_basis(basis: torch.Tensor, heads: int, kv_heads: int, dim: int,
+                       index_heads: int, source: str, dtype: torch.dtype = torch.float32,
+                       rotary_planes: tuple[int, ...] = ()) -> IndexerInit:
+    """The indexer of an orthonormal key basis ``[Hkv * D, DI]``: ``k_proj = basis``, each query
+    head projected on its kv head's block, ``H / index_heads`` heads summed per indexer head."""
+    index_dim = basis.shape[1]
     group = heads // kv_heads
     q_proj = torch.zeros(heads * dim, index_heads * index_dim, dtype=torch.float64)
     for h in range(heads):
@@ -117,4 +201,5 @@ def initial_indexer(
         k_proj=basis.to(dtype).contiguous(),
         head_weights=torch.ones(index_heads, dtype=dtype),
         source=source,
+        rotary_planes=rotary_planes,
     )

@@ -18,6 +18,7 @@ from ..kernels.attention import dsa_attention, indexed_attention
 from .handwritten import emit_sdpa_operands
 from .indexer_init import find_projection_weight, initial_indexer
 from .patterns import CATALOG, REFINEMENTS
+from .rotary import applies_rotary
 from .sites import AttentionSite, example_value
 
 
@@ -209,7 +210,9 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, inputs, settings: RewriteS
         heads, kv_heads, dim = int(q.shape[1]), int(k.shape[1]), int(q.shape[3])
     wq = find_projection_weight(site.q, heads * dim, inputs)
     wk = find_projection_weight(site.k, kv_heads * dim, inputs)
-    init = initial_indexer(heads, kv_heads, dim, settings.index_heads, settings.index_dim, wq, wk)
+    rotary = applies_rotary(site.q, dim) and applies_rotary(site.k, dim)
+    init = initial_indexer(heads, kv_heads, dim, settings.index_heads, settings.index_dim, wq, wk,
+                           rotary=rotary)
     path = _unique_path(result.indexers, site.module_path)
     device = q.device  # the indexer lives where the site's activations live
     indexer = IndexerParameters(init.q_proj.to(device), init.k_proj.to(device),
