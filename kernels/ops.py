@@ -229,3 +229,19 @@ def _sparse_attention_grad(ctx, grad_out, grad_lse):
 
 
 sparse_attention.register_autograd(_sparse_attention_grad, setup_context=_sparse_attention_setup)
+
+
+def _register_cuda_kernels() -> None:
+    """CUDA calls run the Triton kernels (:mod:`.cuda_ops`) when Triton is installed."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return
+    import sys
+
+    from . import cuda_ops
+
+    cuda_ops.register(sys.modules[__name__])
+
+
+_register_cuda_kernels()

@@ -52,3 +52,16 @@ def attention_with_lse(
             lse = lse.masked_fill(empty, NEG_INF)
             out = out.masked_fill(empty.unsqueeze(-1), 0.0)
     return out, lse.float()
+
+
+def functional_tensor_mode() -> type:
+    """The mode AOTAutograd functionalises graphs under (where ``torch.library.triton_op``
+    decomposes into its kernels); private in PyTorch."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    return FunctionalTensorMode
+
+
+def decompose_triton_ops() -> bool:
+    """False while ``torch.export`` keeps custom Triton ops whole (its default)."""
+    return bool(getattr(torch._functorch.config, "decompose_custom_triton_ops", True))

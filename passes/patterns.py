@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .causal_mask import causal_mask_as_flag
 from .handwritten import match_matmul_softmax_matmul
 from .model_indexer import use_model_indexer
 from .sites import AttentionSite, example_value
@@ -78,4 +79,4 @@ CATALOG: list[Callable[[fx.Node], AttentionSite | None]] = [
 
 
 # Applied to every matched site, in order: each may refine what the rewrite will do.
-REFINEMENTS: list[Callable[[AttentionSite], None]] = [use_model_indexer]
+REFINEMENTS: list[Callable[[AttentionSite], None]] = [use_model_indexer, causal_mask_as_flag]

@@ -1,0 +1,582 @@
+"""GPU check and benchmark of the Triton kernels, in one run (issues 4 and 5).
+
+1. Correctness: every kernel against the fp32 reference on fresh random bf16 inputs
+   (relative error ``||out - ref|| / ||ref||``; NaN never passes; outputs poisoned with NaN
+   first so unwritten elements show): sizes off the block sizes, -1 padding, GQA 1/4/8,
+   MQA/MLA (128 heads, 576/512 dims), causal offsets, tiles, bias, split-key decode,
+   backward, FP8 indexer keys, top-k against brute force, the ops under ``torch.compile``.
+2. Ceilings: device-to-device copy bandwidth and a bf16 8192^3 matmul rate.
+3. Speed (``triton.testing.do_bench`` medians) against SDPA (flash) in the same run: sparse
+   attention at MLA shapes (TFLOP/s, tuning variants), the DSA layer at 8K-128K (Llama-8B-like
+   shapes), a decode step at 128K, backward, FlexAttention with the same block selection.
+
+    python benchmarks/gpu_check.py --out DIR            # on a CUDA machine
+    TRITON_INTERPRET=1 python benchmarks/gpu_check.py --dry-run   # plumbing check on CPU
+
+Writes ``DIR/gpu_check.json`` and ``DIR/gpu_check.md``; prints the tables last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from dsa_compile.kernels import triton_indexer as tix
+from dsa_compile.kernels import triton_sparse_attention as tsa
+from dsa_compile.kernels.reference import indexer_scores_reference, sparse_attention_reference
+
+RESULTS: dict = {"checks": [], "bench": [], "errors": []}
+LLAMA = dict(heads=32, kv_heads=8, dim=128, index_heads=8, index_dim=64, topk=2048)
+MLA = dict(heads=128, kv_heads=1, dim=576, dim_v=512, topk=2048)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def section(name: str):
+    """Decorator: run a section, record any exception and go on with the next one."""
+    def wrap(fn):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                fn(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - a broken section must not stop the run
+                RESULTS["errors"].append({"section": name, "error": repr(err),
+                                          "trace": traceback.format_exc()[-3000:]})
+                log(f"!! {name}: {err!r}\n{traceback.format_exc()[-1500:]}")
+            log(f"-- {name}: {time.perf_counter() - start:.1f} s")
+            if RESULTS.get("out"):  # keep what is measured so far if the run is cut short
+                Path(RESULTS["out"]).mkdir(parents=True, exist_ok=True)
+                (Path(RESULTS["out"]) / "gpu_check.json").write_text(
+                    json.dumps(RESULTS, indent=1, default=str))
+        return run
+    return wrap
+
+
+def bench(fn, dev: torch.device, rep_ms: int = 200) -> float:
+    """Median milliseconds of ``fn``."""
+    if dev.type == "cuda":
+        return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if torch.isnan(out).any():
+        return float("nan")
+    both_inf = torch.isinf(out) & torch.isinf(ref) & (out.sign() == ref.sign())
+    if (torch.isinf(out) ^ torch.isinf(ref)).any():
+        return float("inf")
+    out, ref = out.masked_fill(both_inf, 0), ref.masked_fill(both_inf, 0)
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def poison(dev: torch.device, *shapes_dtypes) -> None:
+    """Leave NaN-filled blocks of these sizes in the caching allocator: outputs allocated next
+    reuse them, so elements a kernel forgets to write stay NaN."""
+    blocks = [torch.full(shape, float("nan"), dtype=dtype, device=dev) for shape, dtype in shapes_dtypes]
+    del blocks
+
+
+def check(name: str, err: float, tol: float, **info) -> None:
+    ok = err == err and err <= tol  # NaN never passes
+    RESULTS["checks"].append({"check": name, "rel_err": err, "tol": tol, "ok": ok, **info})
+    log(f"{'ok  ' if ok else 'FAIL'} {name}: rel err {err:.2e} (tol {tol:.0e})")
+
+
+def distinct_indices(batch: int, rows: int, lk: int, topk: int, dev, pad: float = 0.2,
+                     gen=None) -> torch.Tensor:
+    """Distinct random keys per row, ``pad`` of the slots -1 (int32 ``[B, rows, topk]``)."""
+    scores = torch.rand(batch, rows, lk, device=dev, generator=gen)
+    idx = scores.topk(min(topk, lk), dim=-1).indices
+    if idx.shape[-1] < topk:
+        idx = torch.cat([idx, idx.new_full((batch, rows, topk - idx.shape[-1]), -1)], dim=-1)
+    holes = torch.rand(idx.shape, device=dev, generator=gen) < pad
+    return idx.masked_fill(holes, -1).to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. correctness
+
+
+SPARSE_CASES = [
+    # name, B, H, Hkv, Lq, Lk, D, Dv, topk, causal, q_offset, query_block, bias
+    ("MHA D64 causal", 2, 8, 8, 300, 300, 64, 64, 100, True, 0, 1, None),
+    ("GQA4 D128 q_offset", 1, 32, 8, 77, 1000, 128, 128, 256, True, 923, 1, None),
+    ("GQA8 D128 tile4 bias", 1, 16, 2, 130, 517, 128, 128, 200, False, 0, 4, (1, 16, 130, 517)),
+    ("GQA1 D80 tile3 row-bias", 2, 4, 4, 61, 203, 80, 48, 64, True, 142, 3, (2, 1, 1, 203)),
+    ("MLA 128 heads 576/512", 1, 128, 1, 40, 700, 576, 512, 512, True, 660, 1, None),
+    ("decode split GQA4", 4, 32, 8, 1, 5000, 128, 128, 2048, True, 4999, 1, None),
+]
+
+
+@section("sparse attention forward")
+def check_sparse_forward(dev, dtype, small: bool) -> None:
+    gen = torch.Generator(device=dev).manual_seed(1)
+    for name, b, h, hkv, lq, lk, d, dv, topk, causal, off, qb, bias_shape in SPARSE_CASES:
+        if small:
+            lq, lk, topk = min(lq, 9), min(lk, 70), min(topk, 24)
+            off = min(off, lk - lq) if causal else 0
+            bias_shape = tuple(min(s, n) for s, n in zip(bias_shape, (b, h, lq, lk), strict=True)) \
+                if bias_shape else None
+            bias_shape = (bias_shape[0], bias_shape[1], lq if bias_shape[2] > 1 else 1, lk) \
+                if bias_shape else None
+        q = torch.randn(b, h, lq, d, device=dev, dtype=dtype, generator=gen)
+        k = torch.randn(b, hkv, lk, d, device=dev, dtype=dtype, generator=gen)
+        v = torch.randn(b, hkv, lk, dv, device=dev, dtype=dtype, generator=gen)
+        idx = distinct_indices(b, -(-lq // qb), lk, topk, dev, gen=gen)
+        bias = torch.randn(bias_shape, device=dev, dtype=dtype, generator=gen) if bias_shape else None
+        scale = d ** -0.5
+        poison(dev, ((b, h, lq, dv), dtype), ((b, h, lq), torch.float32))
+        out, lse = tsa.sparse_attention_fwd(q, k, v, idx, scale, bias, causal, off, qb)
+        ref_out, ref_lse = sparse_attention_reference(
+            q.float(), k.float(), v.float(), idx, scale, bias.float() if bias is not None else None,
+            causal, off, qb)
+        tol = 2e-2 if dtype != torch.float32 else 1e-2
+        check(f"fwd out  {name}", rel_err(out, ref_out), tol)
+        check(f"fwd lse  {name}", rel_err(lse, ref_lse), tol)
+
+
+@section("sparse attention backward")
+def check_sparse_backward(dev, dtype, small: bool) -> None:
+    gen = torch.Generator(device=dev).manual_seed(2)
+    for name, b, h, hkv, lq, lk, d, dv, topk, causal, off, qb, bias_shape in SPARSE_CASES[:5]:
+        lq, lk = min(lq, 9 if small else 64), min(lk, 70 if small else 300)
+        topk = min(topk, 24 if small else 128)
+        off = min(off, lk - lq) if causal else 0
+        if bias_shape:
+            bias_shape = (bias_shape[0], bias_shape[1], lq if bias_shape[2] > 1 else 1, lk)
+        q = torch.randn(b, h, lq, d, device=dev, dtype=dtype, generator=gen)
+        k = torch.randn(b, hkv, lk, d, device=dev, dtype=dtype, generator=gen)
+        v = torch.randn(b, hkv, lk, dv, device=dev, dtype=dtype, generator=gen)
+        bias = torch.randn(bias_shape, device=dev, dtype=dtype, generator=gen) if bias_shape else None
+        idx = distinct_indices(b, -(-lq // qb), lk, topk, dev, gen=gen)
+        scale = d ** -0.5
+        leaves = [t.float().requires_grad_() for t in (q, k, v)]
+        bias_leaf = bias.float().requires_grad_() if bias is not None else None
+        ref_out, ref_lse = sparse_attention_reference(*leaves, idx, scale, bias_leaf, causal, off, qb)
+        g_out = torch.randn(ref_out.shape, device=dev, generator=gen)
+        g_lse = torch.randn(ref_lse.shape, device=dev, generator=gen)
+        loss = (ref_out * g_out).sum() + (ref_lse.masked_fill(torch.isinf(ref_lse), 0) * g_lse).sum()
+        loss.backward()
+        out, lse = tsa.sparse_attention_fwd(q, k, v, idx, scale, bias, causal, off, qb)
+        grads = tsa.sparse_attention_bwd(g_out.to(dtype), g_lse, q, k, v, idx, out, lse, scale, bias,
+                                         causal, off, qb)
+        refs = [t.grad for t in leaves] + [bias_leaf.grad if bias_leaf is not None else None]
+        for label, got, ref in zip(("dq", "dk", "dv", "dbias"), grads, refs, strict=True):
+            if ref is not None:
+                check(f"bwd {label:5s} {name}", rel_err(got, ref), 3e-2)
+
+
+@section("indexer scores + top-k")
+def check_indexer(dev, dtype, small: bool) -> None:
+    gen = torch.Generator(device=dev).manual_seed(3)
+    cases = [("HI8 DI64 causal", 2, 300, 8, 64, True, 0, None),
+             ("HI4 DI32 q_offset row-mask", 1, 77, 4, 32, True, 500, "row"),
+             ("HI3 DI20 full-mask", 1, 50, 3, 20, False, 0, "full")]
+    for name, b, lq, hi, di, causal, off, mask_kind in cases:
+        if small:
+            lq = min(lq, 9)
+        lk = lq + off
+        q = torch.randn(b, lq, hi, di, device=dev, dtype=dtype, generator=gen)
+        k = torch.randn(b, lk, di, device=dev, dtype=dtype, generator=gen)
+        w = torch.randn(b, lq, hi, device=dev, generator=gen)
+        km = None
+        if mask_kind == "row":
+            km = torch.rand(b, lk, device=dev, generator=gen) > 0.2
+        elif mask_kind == "full":
+            km = torch.rand(b, lq, lk, device=dev, generator=gen) > 0.2
+        poison(dev, ((b, lq, lk), torch.float32))
+        got = tix.indexer_scores_cuda(q, k, w, causal, off, km)
+        ref = indexer_scores_reference(q.float(), k.float(), w, causal, off, km)
+        check(f"indexer scores {name}", rel_err(got, ref), 1e-2 if dtype != torch.float32 else 5e-3)
+        # top-k: the selected keys must carry (nearly) the best achievable score mass.
+        topk = max(4, lk // 5)
+        for qb in (1, 4):
+            sel = tix.indexer_topk_cuda(q, k, w, topk, causal, off, km, qb)
+            ref_scores = ref.view(b, lq, lk)
+            pad = -(-lq // qb) * qb - lq
+            tiles = F.pad(ref_scores, (0, 0, 0, pad), value=float("-inf")).view(b, -1, qb, lk).amax(2)
+            best = tiles.topk(min(topk, lk), dim=-1).values
+            picked = torch.gather(tiles, 2, sel.long().clamp_min(0)[..., : best.shape[-1]])
+            picked = picked.masked_fill(sel[..., : best.shape[-1]] < 0, float("-inf"))
+            finite = torch.isfinite(best)
+            same_count = torch.equal(finite, torch.isfinite(picked))
+            gap = rel_err(picked.sort(-1, descending=True).values.masked_fill(~finite, 0),
+                          best.masked_fill(~finite, 0))
+            check(f"top-k (qb={qb}) {name}", gap if same_count else float("inf"), 1e-2)
+    if dev.type == "cuda":  # FP8 keys and queries with per-token key scales (DeepGEMM's form)
+        b, lq, hi, di = 1, 256, 8, 64
+        q = torch.randn(b, lq, hi, di, device=dev, generator=gen)
+        k = torch.randn(b, lq, di, device=dev, generator=gen) * 3
+        w = torch.randn(b, lq, hi, device=dev, generator=gen)
+        k_scale = k.abs().amax(-1) / 448.0
+        k8 = (k / k_scale[..., None]).to(torch.float8_e4m3fn)
+        q8 = q.to(torch.float8_e4m3fn)
+        got = tix.indexer_scores_cuda(q8, k8, w, True, 0, None, k_scale=k_scale)
+        ref = indexer_scores_reference(q8.float(), k8.float() * k_scale[..., None], w, True, 0, None)
+        check("indexer scores FP8 e4m3 + key scales", rel_err(got, ref), 1e-2)
+
+
+@section("ops under torch.compile (Inductor sees the Triton kernels)")
+def check_compile(dev, dtype) -> None:
+    from torch._inductor.utils import run_and_get_code
+
+    import dsa_compile  # noqa: F401 - registers the ops
+
+    gen = torch.Generator(device=dev).manual_seed(4)
+    b, h, hkv, lq, d, hi, di, topk = 1, 8, 2, 700, 64, 4, 32, 128
+    q = torch.randn(b, h, lq, d, device=dev, dtype=dtype, generator=gen, requires_grad=True)
+    k = torch.randn(b, hkv, lq, d, device=dev, dtype=dtype, generator=gen, requires_grad=True)
+    v = torch.randn(b, hkv, lq, d, device=dev, dtype=dtype, generator=gen, requires_grad=True)
+    qi = torch.randn(b, lq, hi, di, device=dev, dtype=dtype, generator=gen)
+    ki = torch.randn(b, lq, di, device=dev, dtype=dtype, generator=gen)
+    w = torch.rand(b, lq, hi, device=dev, generator=gen)
+
+    def layer(q, k, v, qi, ki, w):
+        idx = torch.ops.dsa.indexer_topk(qi, ki, w, topk, True, 0, None, 1, 0, 0)
+        out, _ = torch.ops.dsa.sparse_attention(q, k, v, idx, None, None, True, 0, 1)
+        return (out.float() ** 2).sum()
+
+    eager_loss = layer(q, k, v, qi, ki, w)
+    eager_grads = torch.autograd.grad(eager_loss, (q, k, v))
+    torch.compiler.reset()
+    compiled = torch.compile(layer)
+    loss, codes = run_and_get_code(lambda: compiled(q, k, v, qi, ki, w))
+    grads = torch.autograd.grad(loss, (q, k, v))
+    code = "\n".join(codes)
+    check("compile: loss equals eager", rel_err(loss, eager_loss), 1e-3)
+    for name, g, e in zip(("dq", "dk", "dv"), grads, eager_grads, strict=True):
+        check(f"compile: {name} equals eager", rel_err(g, e), 1e-2)
+    found = "_sparse_attention_fwd" in code
+    RESULTS["checks"].append({"check": "Inductor code holds _sparse_attention_fwd", "ok": found})
+    log(f"{'ok  ' if found else 'FAIL'} Inductor code holds the Triton kernel _sparse_attention_fwd")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2-3. ceilings and speed
+
+
+def record(name: str, ms: float, **info) -> None:
+    RESULTS["bench"].append({"bench": name, "ms": ms, **info})
+    extra = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
+    log(f"{name:48s} {ms:10.3f} ms  {extra}")
+
+
+@section("ceilings")
+def bench_ceilings(dev) -> None:
+    x = torch.randn(2**29, device=dev, dtype=torch.bfloat16)  # 1 GiB
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x), dev)
+    record("copy 1 GiB (read + write)", ms, gbps=2 * x.numel() * 2 / ms / 1e6)
+    x = y = None
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    bm = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    ms = bench(lambda: a @ bm, dev)
+    record("matmul bf16 8192^3", ms, tflops=2 * 8192**3 / ms / 1e9)
+
+
+@section("sparse attention at MLA shapes")
+def bench_mla(dev, lq: int = 4096, lk: int = 32768) -> None:
+    gen = torch.Generator(device=dev).manual_seed(5)
+    h, d, dv, topk = MLA["heads"], MLA["dim"], MLA["dim_v"], MLA["topk"]
+    q = torch.randn(1, h, lq, d, device=dev, dtype=torch.bfloat16, generator=gen)
+    kv = torch.randn(1, 1, lk, d, device=dev, dtype=torch.bfloat16, generator=gen)
+    v = kv[..., :dv]  # MLA: V is the first 512 dims of the latent
+    idx = distinct_indices(1, lq, lk, topk, dev, pad=0.0, gen=gen)
+    flops = tsa.attention_flops(1, h, lq, topk, d, dv)
+    variants = [{}, {"block_k": 16}, {"block_k": 16, "preload_q": True}, {"num_warps": 16},
+                {"block_k": 16, "num_stages": 3}]
+    for tuning in variants:
+        try:
+            ms = bench(lambda t=tuning: tsa.sparse_attention_fwd(q, kv, v, idx, d ** -0.5, None, False,
+                                                                 0, 1, tuning=t), dev)
+            record(f"MLA sparse fwd {tuning or 'default'}", ms, tflops=flops / ms / 1e9)
+        except Exception as err:  # noqa: BLE001
+            log(f"   variant {tuning} failed: {err!r}"[:300])
+    ms = bench(lambda: tsa.unique_rows(idx), dev)
+    record("unique_rows of the MLA indices", ms)
+
+
+def sdpa_flash(q, k, v, causal: bool):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+@section("DSA layer, causal prefill, Llama-8B-like shapes")
+def bench_layer(dev, lengths: list[int], query_blocks=(1, 64)) -> None:
+    for length in lengths:
+        _bench_layer_at(dev, length, query_blocks)
+        torch.cuda.empty_cache()
+
+
+def _bench_layer_at(dev, length: int, query_blocks) -> None:
+    s = LLAMA
+    gen = torch.Generator(device=dev).manual_seed(length)
+    q = torch.randn(1, s["heads"], length, s["dim"], device=dev, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, s["kv_heads"], length, s["dim"], device=dev, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    qi = torch.randn(1, length, s["index_heads"], s["index_dim"], device=dev, dtype=torch.bfloat16,
+                     generator=gen)
+    ki = torch.randn(1, length, s["index_dim"], device=dev, dtype=torch.bfloat16, generator=gen)
+    w = torch.rand(1, length, s["index_heads"], device=dev, generator=gen)
+    group = s["heads"] // s["kv_heads"]
+    k_rep, v_rep = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    rep = 400 if length >= 65536 else 200
+    sdpa_ms = bench(lambda: sdpa_flash(q, k_rep, v_rep, True), dev, rep)
+    dense_flops = 2 * s["heads"] * length * length * 2 * s["dim"] / 2
+    record(f"SDPA flash causal L={length}", sdpa_ms, tflops=dense_flops / sdpa_ms / 1e9)
+    k_rep = v_rep = None
+    for qb in query_blocks:
+        sel = tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, 0, None, qb)
+        topk_ms = bench(lambda qb=qb: tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, 0, None, qb),
+                        dev, rep)
+        attn_ms = bench(lambda sel=sel, qb=qb: tsa.sparse_attention_fwd(
+            q, k, v, sel, s["dim"] ** -0.5, None, True, 0, qb), dev, rep)
+        total = topk_ms + attn_ms
+        useful = tsa.attention_flops(1, s["heads"], length, min(s["topk"], length), s["dim"], s["dim"])
+        record(f"DSA layer L={length} query_block={qb}", total, speedup=sdpa_ms / total,
+               indexer_topk_ms=topk_ms, sparse_ms=attn_ms, sparse_tflops=useful / attn_ms / 1e9)
+        if qb > 1:
+            wide_ms = bench(lambda sel=sel, qb=qb: tsa.sparse_attention_fwd(
+                q, k, v, sel, s["dim"] ** -0.5, None, True, 0, qb,
+                tuning={"rows_target": 128, "num_warps": 8}), dev, rep)
+            record(f"  sparse, 128 rows a program, query_block={qb}", wide_ms,
+                   sparse_tflops=useful / wide_ms / 1e9)
+    chunk = min(length, 2048)
+    buf = torch.empty(1, chunk, length, device=dev, dtype=torch.float32)
+    flops = 2 * chunk * length * s["index_heads"] * s["index_dim"]
+    ms = bench(lambda: tix.score_block(qi, ki, w, buf, length - chunk, chunk, length, True, 0, None),
+               dev)
+    record(f"  indexer scores, last {chunk} queries x {length} keys", ms, tflops=flops / ms / 1e9,
+           gbps=chunk * length * 4 / ms / 1e6)
+    ms = bench(lambda: tix.score_block(qi, ki, w, buf, length - chunk, chunk, length, True, 0, None,
+                                       query_block=64), dev)
+    record("  same, tile max over 64 queries in the kernel", ms, tflops=flops / ms / 1e9)
+    ms = bench(lambda: buf.topk(s["topk"], dim=-1), dev)
+    record(f"  torch.topk of {chunk} rows x {length}", ms)
+
+
+@section("decode step at long context")
+def bench_decode(dev, context: int, batch: int = 8) -> None:
+    s = LLAMA
+    gen = torch.Generator(device=dev).manual_seed(7)
+    q = torch.randn(batch, s["heads"], 1, s["dim"], device=dev, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(batch, s["kv_heads"], context, s["dim"], device=dev, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    qi = torch.randn(batch, 1, s["index_heads"], s["index_dim"], device=dev, dtype=torch.bfloat16,
+                     generator=gen)
+    ki = torch.randn(batch, context, s["index_dim"], device=dev, dtype=torch.bfloat16, generator=gen)
+    w = torch.rand(batch, 1, s["index_heads"], device=dev, generator=gen)
+    off = context - 1
+    sdpa_ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), dev)
+    record(f"SDPA decode B={batch} context={context}", sdpa_ms,
+           gbps=2 * k.numel() * 2 / sdpa_ms / 1e6)
+    sel = tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, off, None, 1)
+    topk_ms = bench(lambda: tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, off, None, 1), dev)
+    attn_ms = bench(lambda: tsa.sparse_attention_fwd(q, k, v, sel, s["dim"] ** -0.5, None, True, off, 1),
+                    dev)
+    splits = {n: bench(lambda n=n: tsa.sparse_attention_fwd(q, k, v, sel, s["dim"] ** -0.5, None, True,
+                                                            off, 1, splits=n), dev) for n in (1, 2, 4, 8)}
+    scores = torch.empty(batch, 1, context, device=dev)
+    score_ms = bench(lambda: tix.score_block(qi, ki, w, scores, off, 1, context, True, 0, None), dev)
+    plain_ms = bench(lambda: scores.topk(s["topk"], dim=-1), dev)
+    total = topk_ms + attn_ms
+    record(f"DSA decode B={batch} context={context}", total, speedup=sdpa_ms / total,
+           indexer_topk_ms=topk_ms, sparse_ms=attn_ms, scores_ms=score_ms, torch_topk_ms=plain_ms,
+           **{f"sparse_splits{n}_ms": t for n, t in splits.items()})
+
+
+@section("backward vs SDPA backward")
+def bench_backward(dev, length: int = 32768) -> None:
+    s = LLAMA
+    gen = torch.Generator(device=dev).manual_seed(8)
+    q = torch.randn(1, s["heads"], length, s["dim"], device=dev, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, s["kv_heads"], length, s["dim"], device=dev, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    qi = torch.randn(1, length, s["index_heads"], s["index_dim"], device=dev, dtype=torch.bfloat16,
+                     generator=gen)
+    ki = torch.randn(1, length, s["index_dim"], device=dev, dtype=torch.bfloat16, generator=gen)
+    w = torch.rand(1, length, s["index_heads"], device=dev, generator=gen)
+    sel = tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, 0, None, 64)
+    out, lse = tsa.sparse_attention_fwd(q, k, v, sel, s["dim"] ** -0.5, None, True, 0, 64)
+    g = torch.randn_like(out)
+    ms = bench(lambda: tsa.sparse_attention_bwd(g, None, q, k, v, sel, out, lse, s["dim"] ** -0.5, None,
+                                                True, 0, 64), dev)
+    group = s["heads"] // s["kv_heads"]
+    qd, kd, vd = (t.detach().requires_grad_() for t in (q, k.repeat_interleave(group, 1),
+                                                         v.repeat_interleave(group, 1)))
+    dense_out = sdpa_flash(qd, kd, vd, True)
+    dense_ms = bench(lambda: torch.autograd.grad(dense_out, (qd, kd, vd), g, retain_graph=True), dev)
+    record(f"sparse bwd L={length} query_block=64", ms, speedup_vs_sdpa_bwd=dense_ms / ms)
+    record(f"SDPA flash bwd L={length}", dense_ms)
+
+
+@section("FlexAttention with the same block selection")
+def bench_flex(dev, length: int = 32768, block: int = 128) -> None:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    s = LLAMA
+    gen = torch.Generator(device=dev).manual_seed(9)
+    q = torch.randn(1, s["heads"], length, s["dim"], device=dev, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, s["kv_heads"], length, s["dim"], device=dev, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    nb, per = length // block, s["topk"] // block
+    # each query block: itself plus per-1 random earlier blocks
+    scores = torch.rand(nb, nb, device=dev, generator=gen).tril(-1)
+    scores.fill_diagonal_(2.0)
+    chosen = scores.topk(per, dim=-1)
+    blocks = chosen.indices.masked_fill(chosen.values <= 0, -1)
+    counts = (blocks >= 0).sum(-1).int()
+    kv_idx = F.pad(blocks.clamp_min(0), (0, nb - per)).int()  # [q blocks, all kv blocks]
+    mask = BlockMask.from_kv_blocks(counts[None, None], kv_idx[None, None], BLOCK_SIZE=block,
+                                    mask_mod=lambda b, h, qi, ki: ki <= qi)
+    flex = torch.compile(flex_attention)
+    flex_ms = bench(lambda: flex(q, k, v, block_mask=mask, enable_gqa=True), dev)
+    tokens = (blocks[..., None] * block + torch.arange(block, device=dev)).flatten(1)
+    tokens = tokens.masked_fill(blocks.repeat_interleave(block, 1) < 0, -1)[None].int()
+    ours_ms = bench(lambda: tsa.sparse_attention_fwd(q, k, v, tokens, s["dim"] ** -0.5, None, True, 0,
+                                                     block), dev)
+    record(f"flex_attention blocks L={length}", flex_ms)
+    record(f"sparse_attention same blocks L={length}", ours_ms, speedup_vs_flex=flex_ms / ours_ms)
+
+
+@section("compiled kernels: registers, spills, shared memory, wgmma")
+def report_kernels() -> None:
+    """Reads Triton's cache: what the compiler made of each dsa kernel specialisation."""
+    kernels = [tsa._sparse_attention_fwd, tsa._sparse_attention_bwd, tix._indexer_scores_kernel]
+    for fn in kernels:
+        for caches in getattr(fn, "device_caches", {}).values():
+            for key, compiled in caches[0].items():
+                meta = compiled.metadata
+                ptx = compiled.asm.get("ptx", "")
+                info = {"kernel": fn.__name__, "regs": getattr(compiled, "n_regs", None),
+                        "spills": getattr(compiled, "n_spills", None), "shared": meta.shared,
+                        "warps": meta.num_warps, "stages": meta.num_stages,
+                        "wgmma": "wgmma" in ptx, "mma_sync": "mma.sync" in ptx,
+                        "constants": str(key)[-300:]}
+                RESULTS.setdefault("kernels", []).append(info)
+                log(str(info))
+
+
+@section("torch.compile(backend='dsa') vs Inductor, Llama-shaped model, bf16 prefill")
+def bench_end_to_end(dev, length: int = 32768, layers: int = 4) -> None:
+    from dsa_compile.backend import make_backend
+    from dsa_compile.bench import llama_model
+    from dsa_compile.config import DSAConfig
+
+    model = llama_model(layers).to(device=dev, dtype=torch.bfloat16)
+    ids = torch.randint(0, 1000, (1, length), device=dev)
+    config = DSAConfig(key_block=0, query_block=64)
+    timings = {}
+    outputs = {}
+    for name, backend in (("inductor", "inductor"), ("dsa", make_backend(config))):
+        torch.compiler.reset()
+        compiled = torch.compile(model, backend=backend)
+        start = time.perf_counter()
+        with torch.no_grad():
+            outputs[name] = compiled(ids).last_hidden_state.float()
+        torch.cuda.synchronize()
+        warm = time.perf_counter() - start
+        with torch.no_grad():
+            timings[name] = bench(lambda c=compiled: c(ids), dev, 300)
+        log(f"   {name}: compile + first call {warm:.1f} s")
+    cos = F.cosine_similarity(outputs["dsa"].flatten(), outputs["inductor"].flatten(), dim=0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof, \
+            torch.no_grad():
+        compiled(ids)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+    RESULTS["e2e_profile"] = table
+    log(table)
+    record(f"e2e inductor {layers} layers L={length}", timings["inductor"])
+    record(f"e2e dsa {layers} layers L={length}", timings["dsa"],
+           speedup=timings["inductor"] / timings["dsa"], cosine_vs_dense=float(cos))
+
+
+def render(results: dict) -> str:
+    lines = [f"date {results['date']}, device {results['device']}, torch {results['torch']}, "
+             f"triton {results['triton']}", "", "| check | rel err | ok |", "|---|---|---|"]
+    for c in results["checks"]:
+        err = c.get("rel_err")
+        lines.append(f"| {c['check']} | {'' if err is None else f'{err:.2e}'} | {c['ok']} |")
+    lines += ["", "| benchmark | ms | details |", "|---|---|---|"]
+    for r in results["bench"]:
+        info = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in r.items() if k not in ("bench", "ms"))
+        lines.append(f"| {r['bench']} | {r['ms']:.3f} | {info} |")
+    if results["errors"]:
+        lines += ["", "errors: " + "; ".join(f"{e['section']}: {e['error']}" for e in results["errors"])]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
+    parser.add_argument("--only", nargs="*", default=None, help="section names to run")
+    args = parser.parse_args()
+    dev = torch.device("cpu" if args.dry_run else "cuda")
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    RESULTS.update(date=str(datetime.datetime.now()), torch=torch.__version__, triton=triton.__version__,
+                   device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (interpreter)")
+    RESULTS["out"] = args.out
+    want = set(args.only) if args.only else None
+
+    def on(name: str) -> bool:
+        return want is None or name in want
+
+    small = args.dry_run
+    if on("correct"):
+        check_sparse_forward(dev, dtype, small)
+        check_sparse_backward(dev, dtype, small)
+        check_indexer(dev, dtype, small)
+        if not small:
+            check_compile(dev, dtype)
+    if not small:
+        if on("ceilings"):
+            bench_ceilings(dev)
+        if on("mla"):
+            bench_mla(dev)
+        if on("layer"):
+            bench_layer(dev, args.lengths)
+        if on("decode"):
+            for batch in (1, 8, 32):
+                bench_decode(dev, max(args.lengths), batch=batch)
+        if on("backward"):
+            bench_backward(dev)
+        if on("flex"):
+            bench_flex(dev)
+        if on("e2e"):
+            bench_end_to_end(dev)
+    if not small:
+        report_kernels()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    table = render(RESULTS)
+    (out / "gpu_check.md").write_text(table + "\n")
+    print("\n" + table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""CUDA implementations of the ``dsa`` ops: the Triton kernels, visible to Inductor.
+
+Each op gets two CUDA paths:
+
+- eager (``register_kernel("cuda")``): the kernels launched directly;
+- compiled: when AOTAutograd functionalises a graph (``torch.compile``), a CUDA call of the op
+  is decomposed into its kernels wrapped by :func:`torch.library.wrap_triton`, so Inductor
+  sees (and can fuse around) the Triton kernels themselves - what ``torch.library.triton_op``
+  does, but only for CUDA inputs: on CPU the op stays the opaque memory-bounded reference.
+  ``torch.export`` keeps the ops whole (its default), so exported programs hold ``dsa::*``.
+
+CPU tensors never reach these functions. Importing this module without Triton registers nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from . import checks, torch_compat
+from . import indexer as reference_indexer
+from . import triton_indexer as tix
+from . import triton_sparse_attention as tsa
+
+
+def _scale(q: torch.Tensor, scale: float | None) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def _sparse_attention(q, k, v, indices, scale=None, bias=None, causal=False, q_offset=0,
+                      query_block=1, launch=None):
+    # Eager calls check the index range (one host sync); traced calls rely on the kernel, which
+    # treats an out-of-range index as an empty slot (memory-safe).
+    checks.check_sparse_attention_args(q, k, v, indices, bias, q_offset, query_block,
+                                       check_index_range=launch is None)
+    return tsa.sparse_attention_fwd(q, k, v, tsa.unique_rows(indices), _scale(q, scale), bias,
+                                    causal, q_offset, query_block, launch=launch)
+
+
+def _sparse_attention_backward(grad_out, grad_lse, q, k, v, indices, out, lse, scale, bias, causal,
+                               q_offset, query_block, launch=None):
+    dq, dk, dv, dbias = tsa.sparse_attention_bwd(
+        grad_out, grad_lse, q, k, v, tsa.unique_rows(indices), out, lse, _scale(q, scale), bias,
+        causal, q_offset, query_block, launch=launch,
+    )
+    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0)
+
+
+def _indexer_scores(q_idx, k_idx, weights, causal=False, q_offset=0, key_mask=None, launch=None):
+    checks.check_indexer_args("indexer_scores", q_idx, k_idx, weights, q_offset, key_mask)
+    return tix.indexer_scores_cuda(q_idx, k_idx, weights, causal, q_offset, key_mask,
+                                   launch=launch)
+
+
+def _indexer_topk(q_idx, k_idx, weights, topk, causal=False, q_offset=0, key_mask=None,
+                  query_block=1, key_block=0, candidate_blocks=0):
+    checks.check_indexer_args("indexer_topk", q_idx, k_idx, weights, q_offset, key_mask)
+    checks.check_selection_args("indexer_topk", topk, query_block, key_block, candidate_blocks)
+    if key_block:  # two-stage selection: the torch implementation (runs on the GPU as well)
+        return reference_indexer.indexer_topk(q_idx, k_idx, weights, topk, causal, q_offset,
+                                              key_mask, query_block, key_block, candidate_blocks)
+    return tix.indexer_topk_cuda(q_idx, k_idx, weights, topk, causal, q_offset, key_mask,
+                                 query_block)
+
+
+def _decomposition(impl: Callable) -> Callable:
+    """A FunctionalTensorMode rule: CUDA calls run ``impl`` with wrap_triton launches (traced
+    into the graph), anything else stays the op."""
+
+    def rule(mode, op, types, args, kwargs):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        on_cuda = bool(tensors) and tensors[0].device.type == "cuda"
+        if not on_cuda or not torch_compat.decompose_triton_ops():
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        with mode:
+            return impl(*args, **kwargs, launch=torch.library.wrap_triton)
+
+    return rule
+
+
+def register(ops) -> None:
+    """Registers the CUDA paths on the op objects of :mod:`.ops` (called once by it)."""
+    pairs = [
+        (ops.sparse_attention, _sparse_attention, True),
+        (ops.sparse_attention_backward, _sparse_attention_backward, True),
+        (ops.indexer_scores, _indexer_scores, True),
+        (ops.indexer_topk, _indexer_topk, False),  # a chunk loop: stays one opaque op
+    ]
+    for op, impl, traced in pairs:
+        op.register_kernel("cuda")(impl)
+        if traced:
+            op.register_torch_dispatch(torch_compat.functional_tensor_mode(), _decomposition(impl))

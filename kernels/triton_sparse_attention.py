@@ -1,0 +1,469 @@
+"""Triton kernels of sparse attention: forward (prefill and split-key decode) and backward.
+
+Reference: :mod:`.sparse_attention` (and the dense :func:`.reference.sparse_attention_reference`);
+the semantics are those of ``dsa::sparse_attention``.
+
+Work decomposition (as in FlashMLA's sparse kernels, written independently for Triton):
+
+- One program owns ``M = QB * GB`` rows of the output: ``QB`` queries that share an index row
+  (``query_block``) times ``GB`` query heads of one kv head. All rows read the same gathered K/V
+  rows, so one gathered key serves ``M`` dot products (GQA/MQA: ``GB`` up to 64 heads; with
+  MLA's 128 heads two programs split the group).
+- The loop runs over the row's ``K`` indices in blocks of ``BK``: gather ``K[idx]`` in chunks of
+  ``BD`` channels (head dims up to 576 never sit in registers at once), ``S = Q K^T``, mask
+  (-1 slots, causality, index bounds), online softmax in base 2, ``acc += P V[idx]``.
+- Decode (few programs, long index rows): ``splits`` programs share one row's indices; each
+  writes a partial (out, lse) and :func:`merge_splits` combines them by log-sum-exp.
+- Backward recomputes ``P`` from the saved lse, and scatters ``dK``, ``dV`` (and ``dbias``)
+  with fp32 atomics, because the same key is gathered by many rows.
+
+Index rows must not list a key twice (the op's set semantics): :func:`unique_rows` enforces it
+for indices the indexer did not produce.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _sparse_attention_fwd(
+    Q, K, V, IDX, BIAS, OUT, LSE,
+    sq_b, sq_h, sq_t, sq_d: tl.constexpr,
+    sk_b, sk_h, sk_s, sk_d: tl.constexpr,
+    sv_b, sv_h, sv_s, sv_d: tl.constexpr,
+    si_b, si_r, si_k: tl.constexpr,
+    sb_b, sb_h, sb_t, sb_s,
+    so_b, so_h, so_t, so_x, so_d: tl.constexpr,
+    sl_b, sl_h, sl_t, sl_x,
+    LQ, LK, TOPK, GROUP, q_offset, qk_scale, split_len,
+    QUERY_BLOCK: tl.constexpr, QB: tl.constexpr, GB: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRELOAD_Q: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
+):
+    """Grid: (rows * sub-tiles, Hkv * head blocks, B * splits). ``qk_scale`` includes log2(e).
+    Innermost strides are compile-time constants (1 in practice): Inductor passes runtime
+    ints otherwise, and gathers without known contiguity lose their 16-byte loads.
+
+    ``PRELOAD_Q``: the program's queries are loaded once as ``D_MAIN`` (a power of two) plus
+    ``D_TAIL`` (padded rest) channels; otherwise chunks of ``BD`` channels are reloaded per
+    step (less register/shared memory for large D)."""
+    pid_row = tl.program_id(0)
+    pid_head = tl.program_id(1)
+    pid_batch = tl.program_id(2)
+    sub_tiles = tl.cdiv(QUERY_BLOCK, QB)
+    row = pid_row // sub_tiles
+    sub = pid_row % sub_tiles
+    head_blocks = tl.cdiv(GROUP, GB)
+    kv_head = (pid_head // head_blocks).to(tl.int64)
+    head_block = pid_head % head_blocks
+    splits = tl.cdiv(TOPK, split_len)
+    b = (pid_batch // splits).to(tl.int64)  # 64-bit offsets: B * Hkv * Lk * D passes 2^31
+    split = pid_batch % splits
+    k_begin = split * split_len
+    k_end = k_begin + split_len
+
+    m = tl.arange(0, QB * GB)
+    in_tile = sub * QB + m // GB
+    t = row.to(tl.int64) * QUERY_BLOCK + in_tile
+    head_in_group = head_block * GB + m % GB
+    head = kv_head * GROUP + head_in_group
+    row_ok = (in_tile < QUERY_BLOCK) & (t < LQ) & (head_in_group < GROUP)
+    q_rows = Q + b * sq_b + head * sq_h + t * sq_t
+    k_base = K + b * sk_b + kv_head * sk_h
+    v_base = V + b * sv_b + kv_head * sv_h
+    idx_row = IDX + b * si_b + row * si_r
+    dv = tl.arange(0, BDV)
+    dd = tl.arange(0, BD)
+
+    if PRELOAD_Q:
+        dm = tl.arange(0, D_MAIN)
+        q_main = tl.load(q_rows[:, None] + dm[None, :] * sq_d,
+                         mask=row_ok[:, None] & (dm[None, :] < D), other=0.0)
+        if D_TAIL > 0:
+            dt = D_MAIN + tl.arange(0, D_TAIL)
+            q_tail = tl.load(q_rows[:, None] + dt[None, :] * sq_d,
+                             mask=row_ok[:, None] & (dt[None, :] < D), other=0.0)
+    m_i = tl.full([QB * GB], float("-inf"), tl.float32)
+    l_i = tl.zeros([QB * GB], tl.float32)
+    acc = tl.zeros([QB * GB, BDV], tl.float32)
+    for k0 in range(0, split_len, BK):  # bounds independent of program ids (interpreter)
+        slots = k_begin + k0 + tl.arange(0, BK)
+        idx = tl.load(idx_row + slots * si_k, mask=(slots < k_end) & (slots < TOPK), other=-1).to(tl.int64)
+        key_ok = (idx >= 0) & (idx < LK)
+        idx = tl.where(key_ok, idx, 0)
+        if PRELOAD_Q:
+            k_main = tl.load(k_base + idx[:, None] * sk_s + dm[None, :] * sk_d,
+                             mask=key_ok[:, None] & (dm[None, :] < D), other=0.0)
+            s = tl.dot(q_main, tl.trans(k_main))
+            if D_TAIL > 0:
+                k_tail = tl.load(k_base + idx[:, None] * sk_s + dt[None, :] * sk_d,
+                                 mask=key_ok[:, None] & (dt[None, :] < D), other=0.0)
+                s += tl.dot(q_tail, tl.trans(k_tail))
+        else:
+            s = tl.zeros([QB * GB, BK], tl.float32)
+            for d0 in tl.static_range(0, D, BD):
+                d = d0 + dd
+                qc = tl.load(q_rows[:, None] + d[None, :] * sq_d,
+                             mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+                kc = tl.load(k_base + idx[:, None] * sk_s + d[None, :] * sk_d,
+                             mask=key_ok[:, None] & (d[None, :] < D), other=0.0)
+                s += tl.dot(qc, tl.trans(kc))
+        s = s * tl.cast(qk_scale, tl.float32)
+        ok = row_ok[:, None] & key_ok[None, :]
+        if CAUSAL:
+            ok = ok & (idx[None, :] <= q_offset + t[:, None])
+        if HAS_BIAS:
+            bias = tl.load(BIAS + b * sb_b + head[:, None] * sb_h + t[:, None] * sb_t
+                           + idx[None, :] * sb_s, mask=ok, other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vc = tl.load(v_base + idx[:, None] * sv_s + dv[None, :] * sv_d,
+                     mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
+        m_i = m_new
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    o_rows = OUT + b * so_b + head * so_h + t * so_t + split * so_x
+    tl.store(o_rows[:, None] + dv[None, :] * so_d, out.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & (dv[None, :] < DV))
+    tl.store(LSE + b * sl_b + head * sl_h + t * sl_t + split * sl_x, lse, mask=row_ok)
+
+
+@triton.jit
+def _sparse_attention_bwd(
+    Q, K, V, IDX, BIAS, DO, LSE, DELTA, GLSE, DQ, DK, DV, DBIAS,
+    sq_b, sq_h, sq_t, sq_d: tl.constexpr,
+    sk_b, sk_h, sk_s, sk_d: tl.constexpr,
+    sv_b, sv_h, sv_s, sv_d: tl.constexpr,
+    si_b, si_r, si_k: tl.constexpr,
+    sb_b, sb_h, sb_t, sb_s,
+    sdo_b, sdo_h, sdo_t, sdo_d: tl.constexpr,
+    sl_b, sl_h, sl_t,
+    sdq_b, sdq_h, sdq_t, sdq_d: tl.constexpr,
+    sdk_b, sdk_h, sdk_s, sdk_d: tl.constexpr,
+    sdv_b, sdv_h, sdv_s, sdv_d: tl.constexpr,
+    sdb_b, sdb_h, sdb_t, sdb_s,
+    LQ, LK, TOPK, GROUP, q_offset, scale,
+    QUERY_BLOCK: tl.constexpr, QB: tl.constexpr, GB: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, DV_: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GLSE: tl.constexpr,
+):
+    """Same grid as the forward (no splits). Accumulates into fp32 ``DQ``, ``DK``, ``DV``,
+    ``DBIAS`` with atomics; ``DELTA = rowsum(dO * O)``."""
+    pid_row = tl.program_id(0)
+    pid_head = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
+    sub_tiles = tl.cdiv(QUERY_BLOCK, QB)
+    row = pid_row // sub_tiles
+    sub = pid_row % sub_tiles
+    head_blocks = tl.cdiv(GROUP, GB)
+    kv_head = (pid_head // head_blocks).to(tl.int64)
+    head_block = pid_head % head_blocks
+
+    m = tl.arange(0, QB * GB)
+    in_tile = sub * QB + m // GB
+    t = row.to(tl.int64) * QUERY_BLOCK + in_tile
+    head_in_group = head_block * GB + m % GB
+    head = kv_head * GROUP + head_in_group
+    row_ok = (in_tile < QUERY_BLOCK) & (t < LQ) & (head_in_group < GROUP)
+    q_rows = Q + b * sq_b + head * sq_h + t * sq_t
+    dq_rows = DQ + b * sdq_b + head * sdq_h + t * sdq_t
+    dd = tl.arange(0, BD)
+    dv = tl.arange(0, BDV)
+    lse = tl.load(LSE + b * sl_b + head * sl_h + t * sl_t, mask=row_ok, other=float("-inf"))
+    lse_ok = lse > float("-inf")
+    lse2 = tl.where(lse_ok, lse * 1.4426950408889634, 0.0)
+    delta = tl.load(DELTA + b * sl_b + head * sl_h + t * sl_t, mask=row_ok, other=0.0)
+    if HAS_GLSE:
+        delta -= tl.load(GLSE + b * sl_b + head * sl_h + t * sl_t, mask=row_ok, other=0.0)
+    do = tl.load(DO + b * sdo_b + head[:, None] * sdo_h + t[:, None] * sdo_t
+                 + dv[None, :] * sdo_d, mask=row_ok[:, None] & (dv[None, :] < DV_), other=0.0)
+    idx_row = IDX + b * si_b + row * si_r
+    k_base = K + b * sk_b + kv_head * sk_h
+    v_base = V + b * sv_b + kv_head * sv_h
+    dk_base = DK + b * sdk_b + kv_head * sdk_h
+    dv_base = DV + b * sdv_b + kv_head * sdv_h
+    for k0 in range(0, TOPK, BK):
+        slots = k0 + tl.arange(0, BK)
+        idx = tl.load(idx_row + slots * si_k, mask=slots < TOPK, other=-1).to(tl.int64)
+        key_ok = (idx >= 0) & (idx < LK)
+        idx = tl.where(key_ok, idx, 0)
+        s = tl.zeros([QB * GB, BK], tl.float32)
+        for d0 in tl.static_range(0, D, BD):
+            d = d0 + dd
+            qc = tl.load(q_rows[:, None] + d[None, :] * sq_d,
+                         mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+            kc = tl.load(k_base + idx[:, None] * sk_s + d[None, :] * sk_d,
+                         mask=key_ok[:, None] & (d[None, :] < D), other=0.0)
+            s += tl.dot(qc, tl.trans(kc))
+        s = s * (scale * 1.4426950408889634)
+        ok = row_ok[:, None] & key_ok[None, :] & lse_ok[:, None]
+        if CAUSAL:
+            ok = ok & (idx[None, :] <= q_offset + t[:, None])
+        if HAS_BIAS:
+            bias = tl.load(BIAS + b * sb_b + head[:, None] * sb_h + t[:, None] * sb_t
+                           + idx[None, :] * sb_s, mask=ok, other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        vc = tl.load(v_base + idx[:, None] * sv_s + dv[None, :] * sv_d,
+                     mask=key_ok[:, None] & (dv[None, :] < DV_), other=0.0)
+        dp = tl.dot(do, tl.trans(vc))
+        ds = p * (dp - delta[:, None])
+        # dV[idx] += P^T dO
+        dv_blk = tl.dot(tl.trans(p.to(do.dtype)), do)
+        tl.atomic_add(dv_base + idx[:, None] * sdv_s + dv[None, :] * sdv_d, dv_blk,
+                      mask=key_ok[:, None] & (dv[None, :] < DV_))
+        if HAS_BIAS:
+            tl.atomic_add(DBIAS + b * sdb_b + head[:, None] * sdb_h + t[:, None] * sdb_t
+                          + idx[None, :] * sdb_s, ds, mask=ok)
+        ds_lo = ds.to(do.dtype)
+        for d0 in tl.static_range(0, D, BD):
+            d = d0 + dd
+            dmask = d[None, :] < D
+            qc = tl.load(q_rows[:, None] + d[None, :] * sq_d, mask=row_ok[:, None] & dmask,
+                         other=0.0)
+            kc = tl.load(k_base + idx[:, None] * sk_s + d[None, :] * sk_d,
+                         mask=key_ok[:, None] & dmask, other=0.0)
+            tl.atomic_add(dq_rows[:, None] + d[None, :] * sdq_d, tl.dot(ds_lo, kc) * scale,
+                          mask=row_ok[:, None] & dmask)
+            tl.atomic_add(dk_base + idx[:, None] * sdk_s + d[None, :] * sdk_d,
+                          tl.dot(tl.trans(ds_lo), qc) * scale, mask=key_ok[:, None] & dmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch helpers
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(int(n)))
+
+
+class Tiling:
+    """Block sizes of one call: ``QB`` queries x ``GB`` heads per program, ``BK`` keys per step,
+    ``BD``/``BDV`` channels per chunk."""
+
+    def __init__(self, group: int, query_block: int, dim: int, dim_v: int, rows_target: int = 64,
+                 block_k: int | None = None) -> None:
+        self.GB = min(triton.next_power_of_2(group), rows_target)
+        qb = max(1, rows_target // self.GB)
+        self.QB = min(triton.next_power_of_2(query_block), qb)
+        if self.QB * self.GB < 16:  # tl.dot needs at least 16 rows
+            self.GB = 16 // self.QB
+        self.BD = min(64, _pow2(dim))
+        self.BDV = _pow2(dim_v)
+        # Large heads (MLA: 576/512) need short key steps to fit shared memory (measured on
+        # H200: BK=64 asks for 352 KB; BK=32 fits and runs at 171 TFLOP/s).
+        self.BK = block_k or (32 if self.BDV >= 256 or dim > 256 else 64)
+        self.head_blocks = triton.cdiv(group, self.GB)
+        self.sub_tiles = triton.cdiv(query_block, self.QB)
+
+
+def split_channels(dim: int) -> tuple[int, int]:
+    """``dim`` as a power of two plus a padded rest (576 -> 512 + 64, 80 -> 64 + 16)."""
+    main = 1 << (int(dim).bit_length() - 1)
+    main = max(main, 16)
+    rest = dim - main
+    return main, (_pow2(rest) if rest > 0 else 0)
+
+
+def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
+    if t is None:
+        return (0, 0, 0, 0)
+    return tuple(s if n > 1 else 0 for s, n in zip(t.stride(), t.shape, strict=True))
+
+
+def choose_splits(programs: int, topk: int, block_k: int, device: torch.device) -> int:
+    """How many programs share one index row: enough programs to fill the GPU (decode)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= sms // 4:
+        return 1
+    splits = min(triton.cdiv(sms, programs), triton.cdiv(topk, 4 * block_k))
+    return max(1, splits)
+
+
+@triton.jit
+def _merge_splits_kernel(PART, PLSE, OUT, LSE, SPLITS, DV, SP: tl.constexpr, BDV: tl.constexpr):
+    """One program per output row: ``out = sum_s exp(lse_s - lse) * part_s`` with
+    ``lse = logsumexp_s(lse_s)``; rows without keys get 0 and -inf."""
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, SP)
+    d = tl.arange(0, BDV)
+    lse_s = tl.load(PLSE + row * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
+    top = tl.max(lse_s, axis=0)
+    top_safe = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp(lse_s - top_safe)
+    total = tl.sum(w, axis=0)
+    part = tl.load(PART + (row * SPLITS + s[:, None]) * DV + d[None, :],
+                   mask=(s[:, None] < SPLITS) & (d[None, :] < DV), other=0.0)
+    out = tl.sum(part * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(OUT + row * DV + d, out.to(OUT.dtype.element_ty), mask=d < DV)
+    lse = tl.where(total > 0, top_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    tl.store(LSE + row, lse)
+
+
+def merge_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype,
+                 launch=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine partial results ``out [B, H, Lq, S, Dv]`` (fp32, contiguous), ``lse [B, H, Lq,
+    S]`` by log-sum-exp into ``([B, H, Lq, Dv] dtype, [B, H, Lq] fp32)`` in one launch."""
+    batch, heads, lq, splits, dim_v = out.shape
+    merged = out.new_empty((batch, heads, lq, dim_v), dtype=dtype)
+    total = lse.new_empty((batch, heads, lq))
+    kernel = launch(_merge_splits_kernel) if launch is not None else _merge_splits_kernel
+    kernel[(batch * heads * lq,)](out, lse, merged, total, splits, dim_v,
+                                  SP=_pow2(splits, 2), BDV=_pow2(dim_v))
+    return merged, total
+
+
+def forward_config(group: int, query_block: int, dim: int, dim_v: int, causal: bool,
+                   has_bias: bool, tuning: dict | None = None) -> tuple[Tiling, dict]:
+    """The tiling and the compile-time arguments (constexprs, warps, stages) of the forward
+    kernel for one call; shared by the launch and by ahead-of-time compilation."""
+    tuning = tuning or {}
+    tiling = Tiling(group, query_block, dim, dim_v, tuning.get("rows_target", 64),
+                    tuning.get("block_k"))
+    big = tiling.BDV >= 256 or dim > 256
+    d_main, d_tail = split_channels(dim)
+    meta = dict(
+        QUERY_BLOCK=query_block, QB=tiling.QB, GB=tiling.GB, D=dim, BD=tiling.BD, DV=dim_v,
+        BDV=tiling.BDV, BK=tiling.BK, CAUSAL=causal, HAS_BIAS=has_bias,
+        PRELOAD_Q=tuning.get("preload_q", dim <= 256), D_MAIN=d_main, D_TAIL=d_tail,
+        num_warps=tuning.get("num_warps", 8 if big else 4), num_stages=tuning.get("num_stages", 2),
+    )
+    return tiling, meta
+
+
+def sparse_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
+    causal: bool,
+    q_offset: int,
+    query_block: int,
+    launch=None,
+    splits: int | None = None,
+    tuning: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, H, Lq, Dv], lse fp32 [B, H, Lq])`` with the Triton kernel (see module docs).
+
+    ``launch`` wraps the kernel (``torch.library.wrap_triton`` under torch.compile); ``splits``
+    overrides the split-key count (decode); ``tuning`` overrides ``rows_target``, ``block_k``,
+    ``num_warps``, ``num_stages`` (benchmarks). Indices must be unique per row.
+    """
+    batch, heads, lq, dim = q.shape
+    kv_heads, lk, dim_v = k.shape[1], k.shape[2], v.shape[3]
+    group = heads // kv_heads
+    rows, topk = indices.shape[1], indices.shape[2]
+    tiling, meta = forward_config(group, query_block, dim, dim_v, causal, bias is not None, tuning)
+    grid0 = rows * tiling.sub_tiles
+    grid1 = kv_heads * tiling.head_blocks
+    if splits is None:
+        programs = grid0 * grid1 * batch
+        static = all(isinstance(n, int) for n in (programs, topk))  # SymInts: no guard on them
+        splits = choose_splits(programs, topk, tiling.BK, q.device) if static else 1
+    split_len = max(tiling.BK, triton.cdiv(triton.cdiv(max(topk, 1), splits), tiling.BK) * tiling.BK)
+    splits = triton.cdiv(max(topk, 1), split_len)
+    if splits > 1:
+        out = q.new_empty((batch, heads, lq, splits, dim_v), dtype=torch.float32)
+        lse = q.new_empty((batch, heads, lq, splits), dtype=torch.float32)
+        so, sl = out.stride(), lse.stride()
+        so_args = (so[0], so[1], so[2], so[3], so[4])
+        sl_args = (sl[0], sl[1], sl[2], sl[3])
+    else:
+        split_len = max(topk, 1)
+        out = q.new_empty((batch, heads, lq, dim_v))
+        lse = q.new_empty((batch, heads, lq), dtype=torch.float32)
+        so, sl = out.stride(), lse.stride()
+        so_args = (so[0], so[1], so[2], 0, so[3])
+        sl_args = (sl[0], sl[1], sl[2], 0)
+    kernel = launch(_sparse_attention_fwd) if launch is not None else _sparse_attention_fwd
+    kernel[(grid0, grid1, batch * splits)](
+        q, k, v, indices, bias if bias is not None else q, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *_strides4(bias),
+        *so_args, *sl_args,
+        lq, lk, topk, group, q_offset, scale * LOG2E, split_len, **meta,
+    )
+    if splits > 1:
+        return merge_splits(out, lse, q.dtype, launch)
+    return out, lse
+
+
+def sparse_attention_bwd(
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
+    causal: bool,
+    q_offset: int,
+    query_block: int,
+    launch=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(dq, dk, dv, dbias)`` of :func:`sparse_attention_fwd` (dbias None without bias)."""
+    batch, heads, lq, dim = q.shape
+    kv_heads, lk, dim_v = k.shape[1], k.shape[2], v.shape[3]
+    group = heads // kv_heads
+    rows, topk = indices.shape[1], indices.shape[2]
+    tiling = Tiling(group, query_block, dim, dim_v, rows_target=32)
+    delta = (grad_out.float() * out.float()).sum(-1)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    dbias = torch.zeros(bias.shape, dtype=torch.float32, device=q.device) if bias is not None \
+        else None
+    glse = grad_lse.float().contiguous() if grad_lse is not None else None
+    lse = lse.contiguous()
+    delta = delta.contiguous()
+    kernel = launch(_sparse_attention_bwd) if launch is not None else _sparse_attention_bwd
+    kernel[(rows * tiling.sub_tiles, kv_heads * tiling.head_blocks, batch)](
+        q, k, v, indices, bias if bias is not None else q, grad_out, lse, delta,
+        glse if glse is not None else lse, dq, dk, dv, dbias if dbias is not None else dq,
+        *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *_strides4(bias),
+        *grad_out.stride(), *lse.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+        *_strides4(dbias),
+        lq, lk, topk, group, q_offset, scale,
+        QUERY_BLOCK=query_block, QB=tiling.QB, GB=tiling.GB, D=dim, BD=tiling.BD, DV_=dim_v,
+        BDV=tiling.BDV, BK=tiling.BK, CAUSAL=causal, HAS_BIAS=bias is not None,
+        HAS_GLSE=glse is not None, num_warps=4, num_stages=1,
+    )
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+            dbias.to(bias.dtype) if dbias is not None else None)
+
+
+def unique_rows(indices: torch.Tensor) -> torch.Tensor:
+    """Index rows with repeated keys reduced to one entry each (later copies become -1).
+
+    ``[B, rows, K]`` -> same shape and dtype; the order of the row changes (sorted)."""
+    ordered, _ = torch.sort(indices, dim=-1)
+    repeat = torch.zeros_like(ordered, dtype=torch.bool)
+    repeat[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
+    return ordered.masked_fill(repeat, -1)
+
+
+def attention_flops(batch: int, heads: int, lq: int, selected: int, dim: int, dim_v: int) -> float:
+    """Useful FLOPs of attention over ``selected`` keys per query (QK^T and PV)."""
+    return 2.0 * batch * heads * lq * selected * (dim + dim_v)
+

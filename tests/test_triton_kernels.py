@@ -1,0 +1,203 @@
+"""The Triton kernels against the references, in Triton's interpreter on CPU tensors (called
+directly: ``wrap_triton`` refuses interpreted kernels), and compiled ahead of time for Hopper.
+
+Shapes are small (the interpreter is slow) but off the block sizes, with -1 padding, empty rows,
+causal offsets, GQA ratios 1/4/8/128, tiles, biases and split-key decode.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1 (set by conftest.py)", allow_module_level=True)
+
+from dsa_compile.kernels import DSAInputError, cuda_ops  # noqa: E402
+from dsa_compile.kernels import indexer as ref_indexer  # noqa: E402
+from dsa_compile.kernels import triton_indexer as tix  # noqa: E402
+from dsa_compile.kernels import triton_sparse_attention as tsa  # noqa: E402
+from dsa_compile.kernels.reference import (  # noqa: E402
+    indexer_scores_reference,
+    sparse_attention_reference,
+)
+
+from conftest import make_attention_inputs, make_indexer_inputs, random_indices  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+ATOL = 2e-5 if DEVICE == "cpu" else 2e-2
+
+SPARSE_CASES = {
+    # name: B, H, Hkv, Lq, Lk, D, Dv, topk, causal, q_offset, query_block, bias shape, splits
+    "mha causal": (1, 2, 2, 7, 37, 16, 16, 20, True, 30, 1, None, None),
+    "gqa4 bias": (2, 8, 2, 9, 50, 24, 40, 33, False, 0, 1, (2, 1, 9, 50), None),
+    "gqa8 tile4": (1, 8, 1, 10, 45, 16, 16, 16, True, 35, 4, None, None),
+    "gqa128 mqa (MLA-like)": (1, 128, 1, 2, 30, 32, 16, 12, True, 28, 1, None, None),
+    "d80 tile3 head-bias": (1, 4, 2, 6, 40, 80, 24, 10, False, 0, 3, (1, 4, 1, 40), None),
+    "tiny head dim": (1, 4, 2, 6, 40, 8, 8, 10, True, 34, 1, None, None),
+    "decode splits": (2, 4, 2, 1, 90, 16, 16, 40, True, 89, 1, None, 4),
+    "decode splits bias": (1, 4, 2, 5, 70, 16, 16, 40, True, 65, 1, (1, 4, 1, 70), 3),
+}
+
+
+def _inputs(case, seed=0):
+    b, h, hkv, lq, lk, d, dv, topk, causal, off, qb, bias_shape, splits = case
+    torch.manual_seed(seed)
+    q, k, v = make_attention_inputs(b, h, hkv, lq, lk, d, dv)
+    idx = random_indices(b, -(-lq // qb), lk, topk)
+    bias = torch.randn(bias_shape) if bias_shape else None
+    return q, k, v, idx, bias, d ** -0.5, causal, off, qb, splits
+
+
+@pytest.mark.parametrize("name", list(SPARSE_CASES))
+def test_sparse_attention_forward_matches_reference(name):
+    q, k, v, idx, bias, scale, causal, off, qb, splits = _inputs(SPARSE_CASES[name])
+    out, lse = tsa.sparse_attention_fwd(q, k, v, idx, scale, bias, causal, off, qb, splits=splits)
+    ref_out, ref_lse = sparse_attention_reference(q, k, v, idx, scale, bias, causal, off, qb)
+    torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mha causal", "gqa4 bias", "gqa8 tile4", "d80 tile3 head-bias"])
+def test_sparse_attention_backward_matches_reference_autograd(name):
+    q, k, v, idx, bias, scale, causal, off, qb, _ = _inputs(SPARSE_CASES[name], seed=1)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    bias_leaf = bias.clone().requires_grad_() if bias is not None else None
+    ref_out, ref_lse = sparse_attention_reference(*leaves, idx, scale, bias_leaf, causal, off, qb)
+    g_out, g_lse = torch.randn_like(ref_out), torch.randn_like(ref_lse)
+    ((ref_out * g_out).sum() + (ref_lse.masked_fill(torch.isinf(ref_lse), 0) * g_lse).sum()).backward()
+    out, lse = tsa.sparse_attention_fwd(q, k, v, idx, scale, bias, causal, off, qb)
+    grads = tsa.sparse_attention_bwd(g_out, g_lse, q, k, v, idx, out, lse, scale, bias, causal, off, qb)
+    expected = [t.grad for t in leaves] + [bias_leaf.grad if bias_leaf is not None else None]
+    for got, want in zip(grads, expected, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_empty_rows_give_zeros_and_minus_inf():
+    q, k, v = make_attention_inputs(1, 4, 2, 5, 20, 16)
+    idx = random_indices(1, 5, 20, 8)
+    idx[0, 2] = -1  # no key at all
+    idx[0, 3, :] = 19  # only a key past the causal horizon (query 3 sees keys <= 10)
+    idx[0, 3, 1:] = -1
+    out, lse = tsa.sparse_attention_fwd(q, k, v, idx, 0.25, None, True, 7, 1)
+    assert torch.equal(out[0, :, 2:4], torch.zeros_like(out[0, :, 2:4]))
+    assert torch.isneginf(lse[0, :, 2:4]).all()
+    ref_out, _ = sparse_attention_reference(q, k, v, idx, 0.25, None, True, 7, 1)
+    torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=1e-4)
+
+
+def test_merged_splits_equal_one_pass():
+    q, k, v, idx, bias, scale, causal, off, qb, _ = _inputs(SPARSE_CASES["decode splits bias"])
+    one = tsa.sparse_attention_fwd(q, k, v, idx, scale, bias, causal, off, qb, splits=1)
+    for splits in (2, 5):
+        many = tsa.sparse_attention_fwd(q, k, v, idx, scale, bias, causal, off, qb, splits=splits)
+        torch.testing.assert_close(many, one, atol=ATOL, rtol=1e-4)
+
+
+def test_cuda_op_path_treats_index_rows_as_sets():
+    """The op-level implementation dedupes rows (the kernel alone would count a repeat twice)
+    and checks its arguments like the CPU op."""
+    q, k, v = make_attention_inputs(1, 4, 2, 6, 30, 16)
+    idx = random_indices(1, 6, 30, 10, pad_fraction=0.0)
+    doubled = torch.cat([idx, idx[..., :5]], dim=-1)
+    out, lse = cuda_ops._sparse_attention(q, k, v, doubled, None, None, True, 24, 1)
+    ref_out, ref_lse = sparse_attention_reference(q, k, v, idx, 16 ** -0.5, None, True, 24, 1)
+    torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=1e-4)
+    with pytest.raises(DSAInputError, match="indices must lie in"):
+        cuda_ops._sparse_attention(q, k, v, idx + 30, None, None, True, 24, 1)
+
+
+INDEXER_CASES = {
+    # name: B, Lq, Lk, HI, DI, causal, q_offset, mask kind
+    "causal": (2, 13, 40, 4, 16, True, 27, None),
+    "row mask": (1, 9, 33, 3, 20, False, 0, "row"),
+    "full mask": (2, 10, 50, 8, 32, True, 40, "full"),
+    "decode": (2, 1, 70, 5, 16, True, 69, "row"),
+}
+
+
+def _indexer_inputs(case):
+    b, lq, lk, hi, di, causal, off, mask_kind = case
+    torch.manual_seed(2)
+    q, k, w = make_indexer_inputs(b, lq, lk, hi, di)
+    mask = None
+    if mask_kind == "row":
+        mask = torch.rand(b, lk) > 0.3
+    elif mask_kind == "full":
+        mask = torch.rand(b, lq, lk) > 0.3
+    return q, k, w, causal, off, mask
+
+
+@pytest.mark.parametrize("name", list(INDEXER_CASES))
+def test_indexer_scores_match_reference(name):
+    q, k, w, causal, off, mask = _indexer_inputs(INDEXER_CASES[name])
+    got = tix.indexer_scores_cuda(q, k, w, causal, off, mask)
+    want = indexer_scores_reference(q, k, w, causal, off, mask)
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], atol=1e-4, rtol=1e-4)
+
+
+def test_indexer_key_scales_multiply_the_logits():
+    """FP8 keys come with a per-token scale: relu(scale[s] * q . k[s])."""
+    q, k, w, causal, off, _ = _indexer_inputs(INDEXER_CASES["causal"])
+    scale = torch.rand(k.shape[:2]) + 0.5
+    got = tix.indexer_scores_cuda(q, k, w, causal, off, None, k_scale=scale)
+    want = indexer_scores_reference(q, k * scale[..., None], w, causal, off, None)
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(INDEXER_CASES))
+@pytest.mark.parametrize("query_block", [1, 3, 16])
+def test_topk_matches_reference(name, query_block):
+    q, k, w, causal, off, mask = _indexer_inputs(INDEXER_CASES[name])
+    topk = 12
+    got = tix.indexer_topk_cuda(q, k, w, topk, causal, off, mask, query_block)
+    want = ref_indexer.indexer_topk(q, k, w, topk, causal, off, mask, query_block)
+    assert torch.equal(got, want)
+
+
+def test_topk_in_bounded_chunks_equals_one_chunk():
+    q, k, w, causal, off, mask = _indexer_inputs(INDEXER_CASES["full mask"])
+    whole = tix.indexer_topk_cuda(q, k, w, 10, causal, off, mask, 4)
+    chunked = tix.indexer_topk_cuda(q, k, w, 10, causal, off, mask, 4, chunk_bytes=4 * 50 * 2 * 4)
+    assert torch.equal(whole, chunked)
+
+
+def test_unique_rows_keeps_each_key_once():
+    idx = torch.tensor([[[3, 1, 3, -1, 1, 7]]], dtype=torch.int32)
+    out = tsa.unique_rows(idx)
+    kept = sorted(int(x) for x in out.flatten() if x >= 0)
+    assert kept == [1, 3, 7]
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled for Hopper (no GPU needed): the launch configurations fit sm_90 and use wgmma.
+# In a subprocess: the interpreter patches triton.language while it is active.
+
+
+def test_kernels_compile_for_hopper():
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-P", "-m", "dsa_compile.kernels.triton_aot"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert set(report) >= {"sparse_attention/llama8b_exact", "sparse_attention/llama8b_tile64",
+                           "sparse_attention/mla_mqa", "indexer_scores/qb1", "indexer_scores/qb64"}
+    for name, kernel in report.items():
+        assert kernel["fits"], (name, kernel)
+        # Per-query selection with 4 heads a kv head has 16 rows a program: too few for a
+        # warpgroup MMA (64 rows), so that one config uses mma.sync.
+        assert kernel["wgmma"] is (name != "sparse_attention/llama8b_exact"), (name, kernel)
