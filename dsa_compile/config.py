@@ -26,7 +26,9 @@ class DSAConfig:
       exclude pattern.
     - ``index_heads`` / ``index_dim``: size of each site's lightning indexer (HI, DI).
     - ``query_block`` / ``key_block`` / ``candidate_blocks``: selection granularity of
-      ``dsa::indexer_topk`` (``query_block=1, key_block=0`` is exact per-query top-k).
+      ``dsa::indexer_topk`` (``query_block=1, key_block=0`` is exact per-query top-k). ``None``
+      picks per device what measured fastest: 128 / 64 on CPU (two-stage), 64 / 0 on CUDA
+      (the Triton indexer scores every key; see BENCHMARKS.md).
     - ``mode``: ``"inductor"`` compiles the rewritten graph, ``"eager"`` runs it as is
       (debugging; no compile cost).
     """
@@ -37,18 +39,22 @@ class DSAConfig:
     exclude: tuple[str, ...] = ()
     index_heads: int = 4
     index_dim: int = 64
-    query_block: int = 128
-    key_block: int = 64
+    query_block: int | None = None
+    key_block: int | None = None
     candidate_blocks: int = 0
     mode: str = "inductor"
 
     def __post_init__(self) -> None:
         for name in ("topk", "index_heads", "index_dim", "query_block"):
             value = getattr(self, name)
+            if name == "query_block" and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
                 raise DSAConfigError(f"option {name!r} must be an integer >= 1, got {value!r}")
         for name in ("key_block", "candidate_blocks"):
             value = getattr(self, name)
+            if name == "key_block" and value is None:
+                continue
             if not isinstance(value, int) or value < 0:
                 raise DSAConfigError(f"option {name!r} must be an integer >= 0, got {value!r}")
         if self.min_seq_len is not None and (not isinstance(self.min_seq_len, int)

@@ -68,6 +68,18 @@ def mask_to_bias_and_visibility(
     return bias, visible.expand(batch, lq, lk)
 
 
+# Selection granularity (query_block, key_block) when the config leaves it to the device: what
+# measured fastest at long context (CPU: benchmarks/results/cpu_ops.md; CUDA: BENCHMARKS.md).
+DEFAULT_GRANULARITY = {"cpu": (128, 64), "cuda": (64, 0)}
+
+
+def granularity(device: torch.device, query_block: int | None, key_block: int | None
+                ) -> tuple[int, int]:
+    """``(query_block, key_block)`` with ``None`` replaced by the device's default."""
+    qb, kb = DEFAULT_GRANULARITY.get(device.type, DEFAULT_GRANULARITY["cpu"])
+    return (qb if query_block is None else query_block, kb if key_block is None else key_block)
+
+
 def dsa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -82,8 +94,8 @@ def dsa_attention(
     enable_gqa: bool,
     topk: int,
     dense_up_to: int,
-    query_block: int,
-    key_block: int,
+    query_block: int | None,
+    key_block: int | None,
     candidate_blocks: int,
 ) -> torch.Tensor:
     """Drop-in for ``F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale,
@@ -95,6 +107,7 @@ def dsa_attention(
     batch, heads, lq, dim = q.shape
     kv_heads, lk = k.shape[1], k.shape[2]
     dense = lk <= dense_up_to
+    query_block, key_block = granularity(q.device, query_block, key_block)
 
     def sdpa() -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,

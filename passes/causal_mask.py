@@ -19,7 +19,6 @@ import operator
 from typing import Any
 
 import torch
-from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .graph_utils import arg, is_call
@@ -52,9 +51,8 @@ def _arange_along(node: Any, axis: int, length: Any) -> bool:
                                              if i != axis):
         return False
     while True:
-        if is_call(node, operator.getitem) and _is_positions_index(node.args[1]):
-            node = node.args[0]
-        elif is_call(node, "unsqueeze", torch.unsqueeze) or is_call(node, *_INT_CASTS):
+        moves_nothing = is_call(node, operator.getitem) and _is_positions_index(node.args[1])
+        if moves_nothing or is_call(node, "unsqueeze", torch.unsqueeze, *_INT_CASTS):
             node = node.args[0]
         elif is_call(node, operator.add, torch.add, "add") and len(node.args) == 2:
             a, b = node.args

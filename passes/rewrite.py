@@ -30,8 +30,8 @@ class RewriteSettings:
     dense_up_to: int = 2048
     index_heads: int = 4
     index_dim: int = 64
-    query_block: int = 128
-    key_block: int = 64
+    query_block: int | None = None  # None: per device (kernels.attention.granularity)
+    key_block: int | None = None
     candidate_blocks: int = 0
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()

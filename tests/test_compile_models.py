@@ -133,7 +133,7 @@ def test_deepseek_v32_runs_sparse_on_its_own_indexer(impl):
     ids = torch.randint(0, 100, (1, 40))  # index_topk = 8 < 40: really sparse
     report = dsa_compile.explain(model, ids)
     assert len(report.rewritten) == LAYERS, report.table()
-    assert all(s["pattern"].endswith("+model_indexer") for s in report.sites)
+    assert all("+model_indexer" in s["pattern"] for s in report.sites)
     graphs = []
     backend = dsa_compile.backend.make_backend(dsa_compile.DSAConfig(mode="eager"), graphs.append)
     torch.compiler.reset()
