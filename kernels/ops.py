@@ -3,7 +3,8 @@
 Every op validates its arguments (clear :class:`DSAInputError` naming the argument) in both the
 real and the fake kernel, so a bad call fails at trace time under ``torch.compile`` too.
 The real kernels are the memory-bounded implementations of :mod:`.indexer` and
-:mod:`.sparse_attention`; they run on any device.
+:mod:`.sparse_attention` (any device); with Triton installed, CUDA calls run the Triton kernels
+instead (:mod:`.cuda_ops`, visible to Inductor under ``torch.compile``).
 
 Ops
 ---
