@@ -321,6 +321,21 @@ def sdpa_flash(q, k, v, causal: bool):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
+def llama_inputs(dev, batch: int, queries: int, keys: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """bf16 ``q, k, v`` and indexer ``q_idx, k_idx`` (+ fp32 weights) at Llama-8B-like shapes."""
+    s = LLAMA
+    gen = torch.Generator(device=dev).manual_seed(seed)
+
+    def rand(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, device=dev, dtype=dtype, generator=gen)
+
+    q = rand(batch, s["heads"], queries, s["dim"])
+    k, v = rand(batch, s["kv_heads"], keys, s["dim"]), rand(batch, s["kv_heads"], keys, s["dim"])
+    qi, ki = rand(batch, queries, s["index_heads"], s["index_dim"]), rand(batch, keys, s["index_dim"])
+    w = torch.rand(batch, queries, s["index_heads"], device=dev, generator=gen)
+    return q, k, v, qi, ki, w
+
+
 @section("DSA layer, causal prefill, Llama-8B-like shapes")
 def bench_layer(dev, lengths: list[int], query_blocks=(1, 64)) -> None:
     for length in lengths:
@@ -330,14 +345,7 @@ def bench_layer(dev, lengths: list[int], query_blocks=(1, 64)) -> None:
 
 def _bench_layer_at(dev, length: int, query_blocks) -> None:
     s = LLAMA
-    gen = torch.Generator(device=dev).manual_seed(length)
-    q = torch.randn(1, s["heads"], length, s["dim"], device=dev, dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(1, s["kv_heads"], length, s["dim"], device=dev, dtype=torch.bfloat16, generator=gen)
-    v = torch.randn_like(k)
-    qi = torch.randn(1, length, s["index_heads"], s["index_dim"], device=dev, dtype=torch.bfloat16,
-                     generator=gen)
-    ki = torch.randn(1, length, s["index_dim"], device=dev, dtype=torch.bfloat16, generator=gen)
-    w = torch.rand(1, length, s["index_heads"], device=dev, generator=gen)
+    q, k, v, qi, ki, w = llama_inputs(dev, 1, length, length, seed=length)
     group = s["heads"] // s["kv_heads"]
     k_rep, v_rep = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     rep = 400 if length >= 65536 else 200
@@ -378,14 +386,7 @@ def _bench_layer_at(dev, length: int, query_blocks) -> None:
 @section("decode step at long context")
 def bench_decode(dev, context: int, batch: int = 8) -> None:
     s = LLAMA
-    gen = torch.Generator(device=dev).manual_seed(7)
-    q = torch.randn(batch, s["heads"], 1, s["dim"], device=dev, dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(batch, s["kv_heads"], context, s["dim"], device=dev, dtype=torch.bfloat16, generator=gen)
-    v = torch.randn_like(k)
-    qi = torch.randn(batch, 1, s["index_heads"], s["index_dim"], device=dev, dtype=torch.bfloat16,
-                     generator=gen)
-    ki = torch.randn(batch, context, s["index_dim"], device=dev, dtype=torch.bfloat16, generator=gen)
-    w = torch.rand(batch, 1, s["index_heads"], device=dev, generator=gen)
+    q, k, v, qi, ki, w = llama_inputs(dev, batch, 1, context, seed=7)
     off = context - 1
     sdpa_ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), dev)
     record(f"SDPA decode B={batch} context={context}", sdpa_ms,
@@ -408,14 +409,7 @@ def bench_decode(dev, context: int, batch: int = 8) -> None:
 @section("backward vs SDPA backward")
 def bench_backward(dev, length: int = 32768) -> None:
     s = LLAMA
-    gen = torch.Generator(device=dev).manual_seed(8)
-    q = torch.randn(1, s["heads"], length, s["dim"], device=dev, dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(1, s["kv_heads"], length, s["dim"], device=dev, dtype=torch.bfloat16, generator=gen)
-    v = torch.randn_like(k)
-    qi = torch.randn(1, length, s["index_heads"], s["index_dim"], device=dev, dtype=torch.bfloat16,
-                     generator=gen)
-    ki = torch.randn(1, length, s["index_dim"], device=dev, dtype=torch.bfloat16, generator=gen)
-    w = torch.rand(1, length, s["index_heads"], device=dev, generator=gen)
+    q, k, v, qi, ki, w = llama_inputs(dev, 1, length, length, seed=8)
     sel = tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, 0, None, 64)
     out, lse = tsa.sparse_attention_fwd(q, k, v, sel, s["dim"] ** -0.5, None, True, 0, 64)
     g = torch.randn_like(out)
@@ -435,10 +429,8 @@ def bench_flex(dev, length: int = 32768, block: int = 128) -> None:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     s = LLAMA
+    q, k, v, *_ = llama_inputs(dev, 1, length, length, seed=9)
     gen = torch.Generator(device=dev).manual_seed(9)
-    q = torch.randn(1, s["heads"], length, s["dim"], device=dev, dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(1, s["kv_heads"], length, s["dim"], device=dev, dtype=torch.bfloat16, generator=gen)
-    v = torch.randn_like(k)
     nb, per = length // block, s["topk"] // block
     # each query block: itself plus per-1 random earlier blocks
     scores = torch.rand(nb, nb, device=dev, generator=gen).tril(-1)

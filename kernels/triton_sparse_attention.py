@@ -31,6 +31,36 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _scores_chunked(q_rows, row_ok, k_base, idx, key_ok, sq_d: tl.constexpr, sk_s,
+                    sk_d: tl.constexpr, M: tl.constexpr, BK: tl.constexpr, D: tl.constexpr,
+                    BD: tl.constexpr):
+    """``Q K[idx]^T`` ``[M, BK]`` (fp32), ``BD`` channels at a time (Q reloaded per chunk)."""
+    dd = tl.arange(0, BD)
+    s = tl.zeros([M, BK], tl.float32)
+    for d0 in tl.static_range(0, D, BD):
+        d = d0 + dd
+        qc = tl.load(q_rows[:, None] + d[None, :] * sq_d,
+                     mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+        kc = tl.load(k_base + idx[:, None] * sk_s + d[None, :] * sk_d,
+                     mask=key_ok[:, None] & (d[None, :] < D), other=0.0)
+        s += tl.dot(qc, tl.trans(kc))
+    return s
+
+
+@triton.jit
+def _visible_with_bias(s, ok, idx, t, head, b, q_offset, BIAS, sb_b, sb_h, sb_t, sb_s,
+                       CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Base-2 logits ``s`` plus the gathered bias, and which entries are visible (causality)."""
+    if CAUSAL:
+        ok = ok & (idx[None, :] <= q_offset + t[:, None])
+    if HAS_BIAS:
+        bias = tl.load(BIAS + b * sb_b + head[:, None] * sb_h + t[:, None] * sb_t
+                       + idx[None, :] * sb_s, mask=ok, other=0.0)
+        s += bias.to(tl.float32) * 1.4426950408889634
+    return s, ok
+
+
+@triton.jit
 def _sparse_attention_fwd(
     Q, K, V, IDX, BIAS, OUT, LSE,
     sq_b, sq_h, sq_t, sq_d: tl.constexpr,
@@ -79,7 +109,6 @@ def _sparse_attention_fwd(
     v_base = V + b * sv_b + kv_head * sv_h
     idx_row = IDX + b * si_b + row * si_r
     dv = tl.arange(0, BDV)
-    dd = tl.arange(0, BD)
 
     if PRELOAD_Q:
         dm = tl.arange(0, D_MAIN)
@@ -106,22 +135,11 @@ def _sparse_attention_fwd(
                                  mask=key_ok[:, None] & (dt[None, :] < D), other=0.0)
                 s += tl.dot(q_tail, tl.trans(k_tail))
         else:
-            s = tl.zeros([QB * GB, BK], tl.float32)
-            for d0 in tl.static_range(0, D, BD):
-                d = d0 + dd
-                qc = tl.load(q_rows[:, None] + d[None, :] * sq_d,
-                             mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-                kc = tl.load(k_base + idx[:, None] * sk_s + d[None, :] * sk_d,
-                             mask=key_ok[:, None] & (d[None, :] < D), other=0.0)
-                s += tl.dot(qc, tl.trans(kc))
-        s = s * tl.cast(qk_scale, tl.float32)
-        ok = row_ok[:, None] & key_ok[None, :]
-        if CAUSAL:
-            ok = ok & (idx[None, :] <= q_offset + t[:, None])
-        if HAS_BIAS:
-            bias = tl.load(BIAS + b * sb_b + head[:, None] * sb_h + t[:, None] * sb_t
-                           + idx[None, :] * sb_s, mask=ok, other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
+            s = _scores_chunked(q_rows, row_ok, k_base, idx, key_ok, sq_d, sk_s, sk_d, QB * GB, BK,
+                                D, BD)
+        s, ok = _visible_with_bias(s * tl.cast(qk_scale, tl.float32), row_ok[:, None] & key_ok[None, :],
+                                   idx, t, head, b, q_offset, BIAS, sb_b, sb_h, sb_t, sb_s, CAUSAL,
+                                   HAS_BIAS)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -202,22 +220,11 @@ def _sparse_attention_bwd(
         idx = tl.load(idx_row + slots * si_k, mask=slots < TOPK, other=-1).to(tl.int64)
         key_ok = (idx >= 0) & (idx < LK)
         idx = tl.where(key_ok, idx, 0)
-        s = tl.zeros([QB * GB, BK], tl.float32)
-        for d0 in tl.static_range(0, D, BD):
-            d = d0 + dd
-            qc = tl.load(q_rows[:, None] + d[None, :] * sq_d,
-                         mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-            kc = tl.load(k_base + idx[:, None] * sk_s + d[None, :] * sk_d,
-                         mask=key_ok[:, None] & (d[None, :] < D), other=0.0)
-            s += tl.dot(qc, tl.trans(kc))
-        s = s * (scale * 1.4426950408889634)
-        ok = row_ok[:, None] & key_ok[None, :] & lse_ok[:, None]
-        if CAUSAL:
-            ok = ok & (idx[None, :] <= q_offset + t[:, None])
-        if HAS_BIAS:
-            bias = tl.load(BIAS + b * sb_b + head[:, None] * sb_h + t[:, None] * sb_t
-                           + idx[None, :] * sb_s, mask=ok, other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
+        s = _scores_chunked(q_rows, row_ok, k_base, idx, key_ok, sq_d, sk_s, sk_d, QB * GB, BK, D,
+                            BD)
+        s, ok = _visible_with_bias(s * (scale * 1.4426950408889634),
+                                   row_ok[:, None] & key_ok[None, :] & lse_ok[:, None], idx, t, head,
+                                   b, q_offset, BIAS, sb_b, sb_h, sb_t, sb_s, CAUSAL, HAS_BIAS)
         p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
         vc = tl.load(v_base + idx[:, None] * sv_s + dv[None, :] * sv_d,
                      mask=key_ok[:, None] & (dv[None, :] < DV_), other=0.0)
