@@ -38,7 +38,7 @@ class DSAConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     index_heads: int = 4
-    index_dim: int = 64
+    index_dim: int = 32
     query_block: int | None = None
     key_block: int | None = None
     candidate_blocks: int = 0

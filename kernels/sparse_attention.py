@@ -83,7 +83,15 @@ def _gather(
     ``v [Hkv, S, Dv]``."""
     heads, kv_heads = q.shape[1], k.shape[1]
     qc = q[b, :, ch.t0 : ch.t1].float().reshape(kv_heads, heads // kv_heads * ch.queries, -1)
-    return qc, k[b].index_select(1, cols).float(), v[b].index_select(1, cols).float()
+    rows = (torch.arange(kv_heads, device=cols.device) * k.shape[2])[:, None] + cols
+    return qc, _gather_rows(k[b], rows).float(), _gather_rows(v[b], rows).float()
+
+
+def _gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x [Hkv, L, D]`` (contiguous) at ``rows [Hkv, S]`` (flat row numbers ``h * L + s``)
+    -> ``[Hkv, S, D]``: one gather of whole rows, several times faster than
+    ``index_select`` along the middle dim."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, rows.flatten()).view(*rows.shape, -1)
 
 
 def _per_group(mask: torch.Tensor, kv_heads: int, group: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ class RewriteSettings:
     topk: int = 2048
     dense_up_to: int = 2048
     index_heads: int = 4
-    index_dim: int = 64
+    index_dim: int = 32
     query_block: int | None = None  # None: per device (kernels.attention.granularity)
     key_block: int | None = None
     candidate_blocks: int = 0

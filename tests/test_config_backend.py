@@ -57,3 +57,14 @@ def test_options_reach_the_rewrite():
     q = torch.randn(1, 2, 12, 4)
     out = torch.compile(f, backend="dsa", options={"topk": 12, "mode": "eager"})(q)
     torch.testing.assert_close(out, f(q))
+
+
+def test_selection_granularity_defaults_per_device():
+    from dsa_compile.kernels.attention import granularity
+
+    assert granularity(torch.device("cpu"), None, None) == (128, 64)
+    assert granularity(torch.device("cuda"), None, None) == (64, 0)  # Triton scores every key
+    assert granularity(torch.device("cuda"), 1, 16) == (1, 16)  # explicit options win
+    assert DSAConfig().query_block is None and DSAConfig().key_block is None
+    with pytest.raises(DSAConfigError, match="query_block"):
+        DSAConfig(query_block=0)
