@@ -70,7 +70,17 @@ def run_bench(lengths: list[int], layers: int = 8, repeats: int = 2,
                  f"{t_dense / t_sparse:.2f}x")
     return {"date": str(datetime.date.today()), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "model": {**MODEL_SHAPE, "num_hidden_layers": layers},
-            "config": {k: v for k, v in vars(config).items()}, "rows": rows}
+            "config": _resolved(config), "rows": rows}
+
+
+def _resolved(config: DSAConfig) -> dict[str, Any]:
+    """The options as run on the CPU (per-device defaults filled in)."""
+    from .kernels.attention import granularity
+
+    options = dict(vars(config))
+    options["query_block"], options["key_block"] = granularity(
+        torch.device("cpu"), config.query_block, config.key_block)
+    return options
 
 
 def render_table(result: dict[str, Any]) -> str:
