@@ -62,6 +62,8 @@ def normalized_dim(dim: Any, ndim: int | None) -> int | None:
 
 MATMULS = (torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm", "__matmul__")
 SOFTMAXES = (F.softmax, torch.softmax, torch.nn.functional.softmax, "softmax",
-             torch.special.softmax)
+             torch.special.softmax,
+             # SDPA's math decomposition (Inductor's _sfdp_pattern_29/30): 0 for rows masked out
+             torch.ops.aten._safe_softmax, torch.ops.aten._safe_softmax.default)
 DROPOUTS = (F.dropout, torch.dropout, "dropout")
 CASTS = ("to", "float", "half", "bfloat16", "type", "type_as", "contiguous")

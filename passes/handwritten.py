@@ -75,7 +75,7 @@ def step_cast(node: fx.Node) -> tuple[fx.Node, ScoreStep] | None:
 
 
 def step_scale_mul(node: fx.Node) -> tuple[fx.Node, ScoreStep] | None:
-    if not is_call(node, operator.mul, torch.mul, "mul"):
+    if not is_call(node, operator.mul, torch.mul, "mul", torch.ops.aten.mul.Scalar):
         return None
     a, b = node.args[0], node.args[1]
     if is_scalar(b) and isinstance(a, fx.Node):
@@ -120,11 +120,19 @@ def _fill_is_mask(value: Any) -> bool:
 
 
 def _scale_factor(value: Any) -> Any:
-    """A scale usable by SDPA: a number, or a node computing a Python number (e.g. ``.item()``)."""
+    """A scale factor: a number, a node computing a Python number (e.g. ``.item()``), or
+    ``("tensor", node)`` for a 0-d tensor computed at run time (folded into q, see
+    :func:`emit_sdpa_operands`: SDPA's ``scale`` must be a Python number)."""
     value = literal(value)
     if isinstance(value, fx.Node) and tensor_value(value) is not None:
-        raise NoMatch("the scale is a run-time tensor, not a number")
+        return ("tensor", value)
     return value
+
+
+def _is_tensor_factor(factor: Any) -> bool:
+    if isinstance(factor, tuple) and factor[0] == "reciprocal":
+        factor = factor[1]
+    return isinstance(factor, tuple) and factor[0] == "tensor"
 
 
 def step_masked_fill(node: fx.Node) -> tuple[fx.Node, ScoreStep] | None:
@@ -367,7 +375,7 @@ def match_matmul_softmax_matmul(node: fx.Node) -> AttentionSite | None:
         site.extra["mask_kind"] = " + ".join(kinds) or "none"
         chain_nodes = [*chain.nodes, softmax, *prob_nodes, chain.qk]
         for inner in [*chain.nodes, softmax, *prob_nodes]:
-            if len(inner.users) != 1:
+            if len([u for u in inner.users if not _shape_only_use(u, inner)]) != 1:
                 raise NoMatch("the attention scores or probabilities are used elsewhere "
                               "(e.g. output_attentions)")
         site.extra["chain_nodes"] = chain_nodes
@@ -385,10 +393,21 @@ def match_matmul_softmax_matmul(node: fx.Node) -> AttentionSite | None:
     return site
 
 
+def _shape_only_use(user: fx.Node, node: fx.Node) -> bool:
+    """``x.expand_as(node)``, ``node.size()``, ``node.dim()``: uses of the shape, not the values
+    (Inductor's DistilBert pattern expands its mask to the scores' shape)."""
+    if is_call(user, "expand_as", "type_as", "new_zeros", "new_empty"):
+        return user.args[0] is not node
+    return is_call(user, "size", "dim")
+
+
 def _check_shapes(site: AttentionSite) -> None:
     q, k, v = (tensor_value(x) for x in (site.q, site.k, site.v))
     if q is None or k is None or v is None:
         raise NoMatch("q, k or v has no recorded shape")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise NoMatch(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}): the "
+                      "probabilities are cast to another dtype before p @ v")
     if not (q.dim() == k.dim() == v.dim()) or q.dim() not in (3, 4):
         raise NoMatch(f"q, k, v ranks {q.dim()}, {k.dim()}, {v.dim()} (expected 3 or 4)")
     if q.dim() == 4 and (q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1]):
@@ -404,18 +423,22 @@ def _check_shapes(site: AttentionSite) -> None:
 # Turning a matched chain into SDPA operands (nodes inserted before the site).
 
 
+def _unwrap(factor: Any) -> Any:
+    return factor[1] if isinstance(factor, tuple) and factor[0] == "tensor" else factor
+
+
 def _product(graph: fx.Graph, factors: list[Any]) -> Any:
     """The product of numbers and scalar nodes; ("reciprocal", x) stands for 1 / x."""
     number, nodes = 1.0, []
     for factor in factors:
         if isinstance(factor, tuple) and factor[0] == "reciprocal":
-            value = factor[1]
+            value = _unwrap(factor[1])
             if isinstance(value, fx.Node):
                 nodes.append(graph.call_function(operator.truediv, (1.0, value)))
             else:
                 number /= value
-        elif isinstance(factor, fx.Node):
-            nodes.append(factor)
+        elif isinstance(_unwrap(factor), fx.Node):
+            nodes.append(_unwrap(factor))
         else:
             number *= factor
     result: Any = number
@@ -449,6 +472,10 @@ def emit_sdpa_operands(graph: fx.Graph, site: AttentionSite) -> dict[str, Any]:
         drops = [t["node"] for t in terms if t["kind"] == "keep" and t["invert"]]
         mask = graph.call_function(combine_masks, (adds, add_scales, keeps, drops))
     q, k, v = site.q, site.k, site.v
+    tensor_factors = [f for f in scale_factors if _is_tensor_factor(f)]
+    if tensor_factors:  # (q . k) * t == (q * t) . k: run-time tensor scales go into q
+        q = graph.call_function(operator.mul, (q, _product(graph, tensor_factors)))
+        scale_factors = [f for f in scale_factors if not _is_tensor_factor(f)]
     squeeze = rank(q) == 3
     if squeeze:  # [B*H, L, D] batched matmuls: B*H batches of one head each
         q, k, v = (graph.call_method("unsqueeze", (x, 1)) for x in (q, k, v))

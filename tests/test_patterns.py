@@ -110,7 +110,10 @@ SPELLINGS = {
         H, 4, "matmul_softmax_matmul", True, ""),
     "tensor_scale_at_run_time": (lambda q, k, v, m: torch.matmul(torch.softmax(
         q @ k.transpose(-2, -1) * torch.ones(()).mul(0.3), -1), v),
-        H, 4, "matmul_softmax_matmul", False, "run-time tensor"),
+        H, 4, "matmul_softmax_matmul", True, ""),
+    "tensor_scale_div_with_mask_after": (lambda q, k, v, m: torch.matmul(torch.softmax(
+        (q @ k.transpose(-2, -1) + m).div(torch.ones(()).add(1.5)), -1), v),
+        H, 4, "matmul_softmax_matmul", True, ""),
     "softcap_tanh": (lambda q, k, v, m: torch.matmul(torch.softmax(
         torch.tanh(q @ k.transpose(-2, -1) / 50.0) * 50.0, -1), v),
         H, 4, "matmul_softmax_matmul", False, "soft-capping"),
