@@ -160,10 +160,40 @@ def step_softcap(node: fx.Node) -> None:
     return None
 
 
+def step_batch_view(node: fx.Node) -> tuple[fx.Node, ScoreStep] | None:
+    """``scores.view(B, H, Lq, Lk)`` <-> ``.view(B * H, Lq, Lk)``: only the leading (batch, head)
+    dims regroup (MBart, Inductor's pattern 24, adds its mask in the 4-d view)."""
+    if not is_call(node, "view", "reshape", torch.reshape) or not isinstance(node.args[0], fx.Node):
+        return None
+    before, after = tensor_value(node.args[0]), tensor_value(node)
+    if before is None or after is None or {before.dim(), after.dim()} != {3, 4} or \
+            before.shape[-2:] != after.shape[-2:]:
+        return None
+    return node.args[0], ScoreStep("view", node if after.dim() == 4 else None)
+
+
 SCORE_STEPS: list[Callable[[fx.Node], Any]] = [
     step_cast, step_scale_mul, step_scale_div, step_add_mask, step_masked_fill, step_where,
-    step_softcap,
+    step_softcap, step_batch_view,
 ]
+
+
+def _batch_view_shape(steps: list[ScoreStep]) -> tuple[Any, Any] | None:
+    """``(B, H)`` when the scores pass through a ``[B * H] -> [B, H]`` view and back, with every
+    mask applied inside the 4-d view; None without views."""
+    views = [i for i, step in enumerate(steps) if step.kind == "view"]
+    if not views:
+        return None
+    if len(views) != 2 or steps[views[0]].value is None or steps[views[1]].value is not None:
+        raise NoMatch("the scores are reshaped other than [B*H] -> [B, H] -> [B*H]")
+    masks = [i for i, step in enumerate(steps) if step.kind in ("add", "keep")]
+    if any(not views[0] < i < views[1] for i in masks):
+        raise NoMatch("masks are applied on both sides of a [B*H] <-> [B, H] view of the scores")
+    view = steps[views[0]].value
+    shape = view.args[1] if len(view.args) == 2 else view.args[1:]
+    if len(shape) != 4 or any(isinstance(d, int) and d < 0 for d in shape[:2]):
+        raise NoMatch("the [B, H] view of the scores does not name B and H")
+    return shape[0], shape[1]
 
 
 # ------------------------------------------------------------------------------------------
@@ -370,6 +400,10 @@ def match_matmul_softmax_matmul(node: fx.Node) -> AttentionSite | None:
         q = _pre_scale(q, pre_steps)
         k = _pre_scale(k, pre_steps)
         site.extra["steps"] = pre_steps + chain.steps
+        site.extra["batch_view"] = _batch_view_shape(chain.steps)
+        if site.extra["batch_view"] is not None:  # heads per batch entry, for the indexer
+            site.extra["view_heads"] = int(tensor_value(
+                next(s.value for s in chain.steps if s.kind == "view")).shape[1])
         kinds = sorted({"bool mask" if s.kind == "keep" else "additive mask"
                         for s in chain.steps if s.kind in ("add", "keep")})
         site.extra["mask_kind"] = " + ".join(kinds) or "none"
@@ -476,10 +510,15 @@ def emit_sdpa_operands(graph: fx.Graph, site: AttentionSite) -> dict[str, Any]:
     if tensor_factors:  # (q . k) * t == (q * t) . k: run-time tensor scales go into q
         q = graph.call_function(operator.mul, (q, _product(graph, tensor_factors)))
         scale_factors = [f for f in scale_factors if not _is_tensor_factor(f)]
+    batch_view = site.extra.get("batch_view")
+    if batch_view is not None:  # [B*H, L, D] -> [B, H, L, D], where the masks live
+        q, k, v = (graph.call_method("unflatten", (x, 0, tuple(batch_view))) for x in (q, k, v))
+        return {"q": q, "k": k, "v": v, "attn_mask": mask, "scale": _product(graph, scale_factors),
+                "squeeze": False, "flatten": True}
     squeeze = rank(q) == 3
     if squeeze:  # [B*H, L, D] batched matmuls: B*H batches of one head each
         q, k, v = (graph.call_method("unsqueeze", (x, 1)) for x in (q, k, v))
         if mask is not None:
             mask = graph.call_function(rank3_mask_to_rank4, (mask,))
     return {"q": q, "k": k, "v": v, "attn_mask": mask, "scale": _product(graph, scale_factors),
-            "squeeze": squeeze}
+            "squeeze": squeeze, "flatten": False}

@@ -132,7 +132,7 @@ def _sdpa_operands(graph: fx.Graph, site: AttentionSite) -> dict:
     if "steps" in site.extra:  # a hand-written site: rebuild scale and mask from its steps
         return emit_sdpa_operands(graph, site)
     return {"q": site.q, "k": site.k, "v": site.v, "attn_mask": site.attn_mask,
-            "scale": site.scale, "squeeze": False}
+            "scale": site.scale, "squeeze": False, "flatten": False}
 
 
 def _new_input(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
@@ -144,13 +144,15 @@ def _new_input(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
     return node
 
 
-def _replace(graph: fx.Graph, site: AttentionSite, replacement: fx.Node, squeeze: bool) -> None:
-    """Puts ``replacement`` in place of the site's output and drops what only fed the site."""
+def _replace(graph: fx.Graph, site: AttentionSite, replacement: fx.Node, operands: dict) -> None:
+    """Puts ``replacement`` in place of the site's output and drops what only fed the site.
+    Rank-3 sites get their output back as ``[B*H, L, Dv]`` (``squeeze`` / ``flatten``)."""
     replacement.meta.update(site.node.meta)
     result_node = replacement
-    if squeeze:
+    if operands["squeeze"] or operands["flatten"]:
         with graph.inserting_after(replacement):
-            result_node = graph.call_method("squeeze", (replacement, 1))
+            result_node = graph.call_method("squeeze", (replacement, 1)) if operands["squeeze"] \
+                else graph.call_method("flatten", (replacement, 0, 1))
     site.node.replace_all_uses_with(result_node)
     graph.erase_node(site.node)
     site.node = replacement
@@ -193,7 +195,7 @@ def _rewrite_with_model_indices(gm: fx.GraphModule, site: AttentionSite) -> None
             kwargs=dict(is_causal=site.is_causal, scale=operands["scale"],
                         enable_gqa=site.enable_gqa),
         )
-    _replace(graph, site, replacement, operands["squeeze"])
+    _replace(graph, site, replacement, operands)
     site.index_init = "the model's own indexer"
     site.reason = "rewritten: sparse attention on the model's top-k indices (no dense mask)"
 
@@ -205,7 +207,8 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, inputs, settings: RewriteS
         return
     q, k = example_value(site.q), example_value(site.k)
     if q.dim() == 3:  # batched matmuls over [B*H, L, D]: one head per batch entry
-        heads, kv_heads, dim = 1, 1, int(q.shape[2])
+        heads = kv_heads = site.extra.get("view_heads", 1)  # unless viewed as [B, H] (MBart)
+        dim = int(q.shape[2])
     else:
         heads, kv_heads, dim = int(q.shape[1]), int(k.shape[1]), int(q.shape[3])
     wq = find_projection_weight(site.q, heads * dim, inputs)
@@ -236,6 +239,6 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, inputs, settings: RewriteS
                 candidate_blocks=settings.candidate_blocks,
             ),
         )
-    _replace(graph, site, replacement, operands["squeeze"])
+    _replace(graph, site, replacement, operands)
     site.index_init = init.source
     site.reason = f"rewritten: top-{settings.topk} above {settings.dense_up_to} keys"

@@ -20,14 +20,12 @@ import dsa_compile
 
 # Kept dense on purpose (pattern name -> reason fragment). With fp32 q/k, Inductor's patterns 7-10
 # cast the probabilities and v to fp16 before p @ v: SDPA cannot take mixed dtypes (their fp16
-# forms are rewritten, below). Pattern 24 (MBart) reshapes the scores between [B*H] and [B, H]
-# around the mask: not in the catalog yet.
+# forms are rewritten, below).
 DENSE = {
     ("_sfdp_pattern_7", "float32"): "dtypes differ",
     ("_sfdp_pattern_8", "float32"): "dtypes differ",
     ("_sfdp_pattern_9", "float32"): "dtypes differ",
     ("_sfdp_pattern_10", "float32"): "dtypes differ",
-    ("_sfdp_pattern_24", "float32"): "'view'",
 }
 HALF_CASES = {"_sfdp_pattern_7", "_sfdp_pattern_8", "_sfdp_pattern_9", "_sfdp_pattern_10"}
 

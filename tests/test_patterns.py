@@ -206,3 +206,21 @@ def test_an_added_matmul_of_another_length_keeps_the_site_dense():
         full = torch.compile(module, backend="dsa", options={"topk": 6, "mode": "eager"})
         torch.testing.assert_close(full(q, q, q, rel), reference, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(compiled(q, q, q, rel)).all()
+
+
+def test_masks_on_both_sides_of_a_batch_view_stay_dense():
+    """MBart adds its mask in a [B, H] view of [B*H] scores (rewritten, Inductor's pattern 24);
+    a second mask added in the [B*H] view cannot be placed in one SDPA mask: stays dense."""
+
+    class TwoViews(nn.Module):
+        def forward(self, q, k, v, mask4, mask3):
+            scores = torch.bmm(q, k.transpose(1, 2))
+            scores = scores.view(2, 3, 6, 6) + mask4
+            scores = scores.view(6, 6, 6) + mask3
+            return torch.bmm(torch.softmax(scores, -1), v)
+
+    q = torch.randn(6, 6, 4)
+    report = dsa_compile.explain(TwoViews(), q, q, q, torch.randn(2, 1, 6, 6), torch.randn(6, 6, 6),
+                                 topk=2)
+    assert report.sites[0]["rewritten"] is False
+    assert "both sides" in report.sites[0]["reason"]
