@@ -51,3 +51,10 @@ def test_benchmark_prefill(monkeypatch):
         intermediate_size=128))
     result = module.main(["--lengths", "64", "--layers", "1"])
     assert result["rows"][0]["tokens"] == 64
+
+
+def test_triton_kernels_example():
+    """Runs in Triton's interpreter here (conftest sets TRITON_INTERPRET=1 without a GPU)."""
+    result = load("triton_kernels").main()
+    assert result["rel_err_vs_reference"] < 1e-5
+    assert result["finite"]
