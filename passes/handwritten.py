@@ -276,7 +276,8 @@ def _first(catalog, node):
     return None
 
 
-def _unrepeat(node: fx.Node) -> tuple[fx.Node, bool]:
+def unrepeat(node: fx.Node) -> tuple[fx.Node, bool]:
+    """The kv tensor before a GQA repeat (``repeat_kv`` and friends), and whether there was one."""
     source = _first(KV_REPEATS, node)
     if source is None:
         return node, False
@@ -414,8 +415,8 @@ def match_matmul_softmax_matmul(node: fx.Node) -> AttentionSite | None:
                               "(e.g. output_attentions)")
         site.extra["chain_nodes"] = chain_nodes
         v = pv[1]
-        k_source, k_repeated = _unrepeat(k)
-        v_source, v_repeated = _unrepeat(v)
+        k_source, k_repeated = unrepeat(k)
+        v_source, v_repeated = unrepeat(v)
         if k_repeated and v_repeated:
             k, v = k_source, v_source
         site.q, site.k, site.v = q, k, v

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from .causal_mask import causal_mask_as_flag
-from .handwritten import match_matmul_softmax_matmul
+from .handwritten import match_matmul_softmax_matmul, unrepeat
 from .model_indexer import use_model_indexer
 from .sites import AttentionSite, example_value
 
@@ -69,6 +69,12 @@ def match_sdpa(node: fx.Node) -> AttentionSite | None:
         return site.keep_dense(f"attn_mask has rank {mask.dim()} > 4")
     if site.is_causal and site.attn_mask is not None:
         return site.keep_dense("SDPA rejects is_causal together with attn_mask")
+    # K/V repeated for GQA before the call (HF's repeat_kv when it cannot use enable_gqa):
+    # attend to the kv heads themselves (no H/Hkv-fold copies; the indexer sees the real keys).
+    (k_source, k_repeated), (v_source, v_repeated) = unrepeat(site.k), unrepeat(site.v)
+    if k_repeated and v_repeated and not site.enable_gqa and \
+            example_value(k_source).shape[1] == example_value(v_source).shape[1]:
+        site.k, site.v, site.enable_gqa = k_source, v_source, True
     return site
 
 

@@ -30,7 +30,8 @@ def test_sites_found_exact_when_short_sparse_when_long(arch, impl):
     assert len(report.sites) == LAYERS, report.table()
     assert len(report.rewritten) == LAYERS, report.table()
     expected_pattern = "sdpa" if impl == "sdpa" else "matmul_softmax_matmul"
-    assert {s["pattern"] for s in report.sites} == {expected_pattern}
+    # (+causal_mask where HF materialises its causal mask under Dynamo: transformers < 5.24)
+    assert {s["pattern"].split("+")[0] for s in report.sites} == {expected_pattern}
 
     with torch.no_grad():
         reference = first_output(model(ids))

@@ -224,3 +224,22 @@ def test_masks_on_both_sides_of_a_batch_view_stay_dense():
                                  topk=2)
     assert report.sites[0]["rewritten"] is False
     assert "both sides" in report.sites[0]["reason"]
+
+
+def test_sdpa_on_repeated_kv_attends_to_the_kv_heads():
+    """HF's repeat_kv before SDPA (when it cannot pass enable_gqa): the site uses the kv heads
+    with enable_gqa (no H/Hkv-fold K/V copies in the sparse path), and stays exact."""
+    def fn(q, k, v, m):
+        repeats = H // HKV
+        return F.scaled_dot_product_attention(q, repeat_kv(k, repeats), repeat_kv(v, repeats),
+                                              attn_mask=causal_bool(q.shape[2]))
+
+    module = Attention(fn, HKV).eval()
+    x = torch.randn(B, L, H * D)
+    site = dsa_compile.explain(module, x, topk=8).sites[0]
+    assert site["rewritten"] and site["gqa"] is True and site["k"][1] == HKV, site
+    torch.compiler.reset()
+    exact = torch.compile(module, backend="dsa", options={"topk": L, "min_seq_len": 0,
+                                                          "mode": "eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(exact(x), module(x), atol=1e-5, rtol=1e-5)
