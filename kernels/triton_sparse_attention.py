@@ -31,6 +31,27 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _program_rows(pid_row, pid_head, LQ, GROUP, QUERY_BLOCK: tl.constexpr, QB: tl.constexpr,
+                  GB: tl.constexpr):
+    """What a program owns: index row ``row`` (one ``QB``-query sub-tile of it), kv head
+    ``kv_head``, and ``QB * GB`` output rows: query ``t`` and head ``head`` of each, and which
+    exist (``row_ok``). Row m is query ``m // GB`` of the sub-tile, head ``m % GB`` of the block."""
+    sub_tiles = tl.cdiv(QUERY_BLOCK, QB)
+    row = pid_row // sub_tiles
+    sub = pid_row % sub_tiles
+    head_blocks = tl.cdiv(GROUP, GB)
+    kv_head = (pid_head // head_blocks).to(tl.int64)
+    head_block = pid_head % head_blocks
+    m = tl.arange(0, QB * GB)
+    in_tile = sub * QB + m // GB
+    t = row.to(tl.int64) * QUERY_BLOCK + in_tile
+    head_in_group = head_block * GB + m % GB
+    head = kv_head * GROUP + head_in_group
+    row_ok = (in_tile < QUERY_BLOCK) & (t < LQ) & (head_in_group < GROUP)
+    return row, kv_head, t, head, row_ok
+
+
+@triton.jit
 def _scores_chunked(q_rows, row_ok, k_base, idx, key_ok, sq_d: tl.constexpr, sk_s,
                     sk_d: tl.constexpr, M: tl.constexpr, BK: tl.constexpr, D: tl.constexpr,
                     BD: tl.constexpr):
@@ -86,24 +107,14 @@ def _sparse_attention_fwd(
     pid_row = tl.program_id(0)
     pid_head = tl.program_id(1)
     pid_batch = tl.program_id(2)
-    sub_tiles = tl.cdiv(QUERY_BLOCK, QB)
-    row = pid_row // sub_tiles
-    sub = pid_row % sub_tiles
-    head_blocks = tl.cdiv(GROUP, GB)
-    kv_head = (pid_head // head_blocks).to(tl.int64)
-    head_block = pid_head % head_blocks
     splits = tl.cdiv(TOPK, split_len)
     b = (pid_batch // splits).to(tl.int64)  # 64-bit offsets: B * Hkv * Lk * D passes 2^31
     split = pid_batch % splits
     k_begin = split * split_len
     k_end = k_begin + split_len
 
-    m = tl.arange(0, QB * GB)
-    in_tile = sub * QB + m // GB
-    t = row.to(tl.int64) * QUERY_BLOCK + in_tile
-    head_in_group = head_block * GB + m % GB
-    head = kv_head * GROUP + head_in_group
-    row_ok = (in_tile < QUERY_BLOCK) & (t < LQ) & (head_in_group < GROUP)
+    row, kv_head, t, head, row_ok = _program_rows(pid_row, pid_head, LQ, GROUP, QUERY_BLOCK, QB,
+                                                  GB)
     q_rows = Q + b * sq_b + head * sq_h + t * sq_t
     k_base = K + b * sk_b + kv_head * sk_h
     v_base = V + b * sv_b + kv_head * sv_h
@@ -185,19 +196,9 @@ def _sparse_attention_bwd(
     pid_head = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
-    sub_tiles = tl.cdiv(QUERY_BLOCK, QB)
-    row = pid_row // sub_tiles
-    sub = pid_row % sub_tiles
-    head_blocks = tl.cdiv(GROUP, GB)
-    kv_head = (pid_head // head_blocks).to(tl.int64)
-    head_block = pid_head % head_blocks
 
-    m = tl.arange(0, QB * GB)
-    in_tile = sub * QB + m // GB
-    t = row.to(tl.int64) * QUERY_BLOCK + in_tile
-    head_in_group = head_block * GB + m % GB
-    head = kv_head * GROUP + head_in_group
-    row_ok = (in_tile < QUERY_BLOCK) & (t < LQ) & (head_in_group < GROUP)
+    row, kv_head, t, head, row_ok = _program_rows(pid_row, pid_head, LQ, GROUP, QUERY_BLOCK, QB,
+                                                  GB)
     q_rows = Q + b * sq_b + head * sq_h + t * sq_t
     dq_rows = DQ + b * sdq_b + head * sdq_h + t * sdq_t
     dd = tl.arange(0, BD)
