@@ -59,7 +59,20 @@ def _list_ops(_: argparse.Namespace) -> int:
 
     for name in ("indexer_scores", "indexer_topk", "sparse_attention"):
         print(getattr(torch.ops.dsa, name).default._schema)
+    print(f"implementations: CPU (memory-bounded torch); CUDA: {_cuda_kernels()}")
     return 0
+
+
+def _cuda_kernels() -> str:
+    """Which implementation CUDA calls of the ops get here."""
+    try:
+        import triton
+    except ImportError:
+        return "the torch implementation (install dsa-compile[triton] for the Triton kernels)"
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU visible"
+    return f"Triton {triton.__version__} kernels ({gpu})"
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -50,6 +50,7 @@ def test_cli_entry_point_lists_the_ops():
     out = subprocess.run([str(exe), "ops"], capture_output=True, text=True, check=True).stdout
     for op in ("dsa::indexer_scores", "dsa::indexer_topk", "dsa::sparse_attention"):
         assert op in out
+    assert "CUDA: Triton" in out  # the test environment installs triton
 
 
 @pytest.mark.parametrize("use_mask", [False, True])
