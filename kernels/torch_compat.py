@@ -64,4 +64,6 @@ def functional_tensor_mode() -> type:
 
 def decompose_triton_ops() -> bool:
     """False while ``torch.export`` keeps custom Triton ops whole (its default)."""
-    return bool(getattr(torch._functorch.config, "decompose_custom_triton_ops", True))
+    import torch._functorch.config as functorch_config  # not loaded by `import torch` alone
+
+    return bool(getattr(functorch_config, "decompose_custom_triton_ops", True))

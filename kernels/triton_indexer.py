@@ -194,15 +194,14 @@ def score_block(
                *_mask_strides(mask), *out.stride())
     pointers = (q_idx, k_idx, weights, k_scale if k_scale is not None else weights,
                 mask if mask is not None else out, out)
-    dims = dict(DI=dim, DIP=max(16, triton.next_power_of_2(dim)), CAUSAL=causal,
-                HAS_SCALE=k_scale is not None, HAS_MASK=mask is not None)
     meta = scores_config(heads, dim, query_block, causal, k_scale is not None, mask is not None)
     if query_block == 1 and isinstance(queries, int) and queries <= DECODE_QUERIES:
         kernel = launch(_indexer_scores_decode_kernel) if launch is not None \
             else _indexer_scores_decode_kernel
+        shared = {k: meta[k] for k in ("HI", "DI", "DIP", "CAUSAL", "HAS_SCALE", "HAS_MASK")}
         kernel[(queries, triton.cdiv(keys, 128), batch)](
-            *pointers, *strides, keys, t_begin, q_offset, HI=heads,
-            HIP=max(16, triton.next_power_of_2(heads)), BN=128, **dims, num_warps=4)
+            *pointers, *strides, keys, t_begin, q_offset,
+            HIP=max(16, triton.next_power_of_2(heads)), BN=128, **shared, num_warps=4)
         return out
     rows = triton.cdiv(queries, meta["BQ"]) if query_block == 1 else triton.cdiv(queries, query_block)
     kernel = launch(_indexer_scores_kernel) if launch is not None else _indexer_scores_kernel

@@ -9,9 +9,10 @@ Work decomposition (as in FlashMLA's sparse kernels, written independently for T
   (``query_block``) times ``GB`` query heads of one kv head. All rows read the same gathered K/V
   rows, so one gathered key serves ``M`` dot products (GQA/MQA: ``GB`` up to 64 heads; with
   MLA's 128 heads two programs split the group).
-- The loop runs over the row's ``K`` indices in blocks of ``BK``: gather ``K[idx]`` in chunks of
-  ``BD`` channels (head dims up to 576 never sit in registers at once), ``S = Q K^T``, mask
-  (-1 slots, causality, index bounds), online softmax in base 2, ``acc += P V[idx]``.
+- The loop runs over the row's ``K`` indices in blocks of ``BK``: gather ``K[idx]`` (heads up to
+  256 wide with Q loaded once; wider ones, as MLA's 576, in chunks of ``BD`` channels),
+  ``S = Q K^T``, mask (-1 slots, causality, index bounds), online softmax in base 2,
+  ``acc += P V[idx]``.
 - Decode (few programs, long index rows): ``splits`` programs share one row's indices; each
   writes a partial (out, lse) and :func:`merge_splits` combines them by log-sum-exp.
 - Backward recomputes ``P`` from the saved lse, and scatters ``dK``, ``dV`` (and ``dbias``)
@@ -98,8 +99,8 @@ def _sparse_attention_fwd(
     PRELOAD_Q: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
 ):
     """Grid: (rows * sub-tiles, Hkv * head blocks, B * splits). ``qk_scale`` includes log2(e).
-    Innermost strides are compile-time constants (1 in practice): Inductor passes runtime
-    ints otherwise, and gathers without known contiguity lose their 16-byte loads.
+    Innermost strides are compile-time constants (1 in practice), so the channel loads are
+    known contiguous also when Inductor launches the kernel (it passes other ints at run time).
 
     ``PRELOAD_Q``: the program's queries are loaded once as ``D_MAIN`` (a power of two) plus
     ``D_TAIL`` (padded rest) channels; otherwise chunks of ``BD`` channels are reloaded per

@@ -31,7 +31,8 @@ _INT_CASTS = ("to", "long", "int")
 
 
 def _same(a: Any, b: Any) -> bool:
-    return statically_known_true(a == b) if not isinstance(a == b, bool) else a == b
+    """Sizes equal for every shape the graph may see (SymInts included), without new guards."""
+    return statically_known_true(a == b)
 
 
 def _is_positions_index(index: Any) -> bool:

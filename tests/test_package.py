@@ -10,7 +10,11 @@ import pytest
 import torch
 
 import dsa_compile
-from dsa_compile.kernels.torch_compat import attention_with_lse
+from dsa_compile.kernels.torch_compat import (
+    attention_with_lse,
+    decompose_triton_ops,
+    functional_tensor_mode,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,3 +79,15 @@ def test_checkout_root_on_sys_path_does_not_register_the_ops_twice():
             "q = torch.randn(1, 1, 3, 4); i = torch.zeros(1, 3, 1, dtype=torch.int32);"
             "print(kernels._SHADOW, bool(torch.isfinite(dsa_compile.sparse_attention(q, q, q, i)[0]).all()))")
     assert run_python(code, REPO) == "True True"
+
+
+def test_private_hooks_of_the_cuda_registration():
+    """The CUDA ops hook into AOTAutograd's functionalisation the way torch.library.triton_op
+    does; if PyTorch moves these, this fails here instead of silently losing the decomposition."""
+    mode = functional_tensor_mode()
+    assert isinstance(mode, type) and issubclass(mode, torch.utils._python_dispatch.TorchDispatchMode)
+    assert decompose_triton_ops() is True  # torch.compile decomposes
+    import torch._functorch.config as functorch_config
+
+    with functorch_config.patch(decompose_custom_triton_ops=False):  # as torch.export does
+        assert decompose_triton_ops() is False
