@@ -15,7 +15,9 @@ is selected, so that is exactly what the sparse path would compute, only faster.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,14 +41,24 @@ def capture_selections() -> Iterator[list[torch.Tensor]]:
         _capture = previous
 
 
+# A key whose bias lies more than this below the best bias of its query row (in every head) is
+# masked out for selection: at most e^-100 of that row's mass unless its logits exceed the best
+# visible key's by 100. Such keys (-1e4, -1e9, finfo.min masks, before or after the scale) are
+# only selected when every key is (topk >= Lk), so selection never ranks them ahead of a
+# visible key, and a full selection stays exact.
+MASKED_BIAS_MARGIN = 100.0
+
+
 def mask_to_bias_and_visibility(
-    attn_mask: torch.Tensor | None, batch: int, lq: int, lk: int
+    attn_mask: torch.Tensor | None, batch: int, lq: int, lk: int, select_all: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """An SDPA ``attn_mask`` -> (additive bias ``[B|1, H|1, Lq|1, Lk]``, key visibility
     ``[B, Lk]`` or ``[B, Lq, Lk]`` bool, True = may be selected).
 
-    Boolean masks mean True = attend; float masks are added to the scores, and values at or
-    below half the dtype's most negative finite number (what HF models use) count as masked.
+    Boolean masks mean True = attend; float masks are added to the scores. With ``select_all``
+    (every key will be selected) a key is visible when its bias is above ``-inf`` in some head;
+    otherwise only when it is within :data:`MASKED_BIAS_MARGIN` of its row's best bias in some
+    head (a row of equal biases, e.g. all ``finfo.min``, keeps all its keys).
     """
     if attn_mask is None:
         return None, None
@@ -59,8 +71,11 @@ def mask_to_bias_and_visibility(
             ~mask, float("-inf")
         )
     else:
-        visible = mask > torch.finfo(mask.dtype).min / 2
         bias = mask
+        visible = mask > float("-inf")
+        if not select_all:
+            best = mask.amax(dim=-1, keepdim=True)
+            visible = visible & (mask >= best - MASKED_BIAS_MARGIN)
     # A key may be selected when some head of the query may attend it.
     visible = visible.any(dim=1)  # [B|1, Lq|1, Lk|1]
     if visible.shape[1] == 1:
@@ -107,6 +122,8 @@ def dsa_attention(
     batch, heads, lq, dim = q.shape
     kv_heads, lk = k.shape[1], k.shape[2]
     dense = lk <= dense_up_to
+    select_all = topk >= lk
+    topk = max(1, min(topk, lk))  # more slots than keys would only hold -1
     query_block, key_block = granularity(q.device, query_block, key_block)
 
     def sdpa() -> torch.Tensor:
@@ -123,7 +140,12 @@ def dsa_attention(
     q_idx = (q_flat @ q_proj).view(batch, lq, index_heads, index_dim)
     k_idx = k_flat @ k_proj
     weights = head_weights.expand(batch, lq, index_heads)
-    bias, visible = mask_to_bias_and_visibility(attn_mask, batch, lq, lk)
+    bias, visible = mask_to_bias_and_visibility(attn_mask, batch, lq, lk, select_all)
+    if bias is not None and not select_all and query_block > 1:
+        # A tile shares one selection: a key masked out for one query may be chosen for another
+        # of its tile; it must not carry that query's (finite, tiny) weight.
+        bias = bias.masked_fill(~visible[:, None], float("-inf")) if visible.dim() == 3 \
+            else bias
     indices = indexer_topk(q_idx, k_idx, weights, topk, is_causal, 0, visible, query_block,
                            key_block, candidate_blocks)
     if _capture is not None:
@@ -153,32 +175,51 @@ def indexed_attention(
     return out
 
 
-def combine_masks(
-    additive: list[torch.Tensor],
-    scales: list[float],
-    keep: list[torch.Tensor],
-    drop: list[torch.Tensor],
-) -> torch.Tensor:
-    """One SDPA ``attn_mask`` from the masks a hand-written attention applies to its scores:
-    ``sum_i scales[i] * additive[i]``, then -inf where a ``keep`` mask is False or a ``drop``
-    mask is True. A lone boolean mask stays boolean (True = attend)."""
-    if not additive:
-        allowed = None
-        for mask in keep:
-            allowed = mask if allowed is None else allowed & mask
-        for mask in drop:
-            allowed = ~mask if allowed is None else allowed & ~mask
-        return allowed
-    total = additive[0] * scales[0]
-    for mask, scale in zip(additive[1:], scales[1:], strict=True):
-        total = total + mask * scale
-    blocked = [~m for m in keep] + list(drop)
-    for mask in blocked:
-        total = total.masked_fill(mask, float("-inf"))
-    return total
+def combine_masks(terms: list[tuple[str, torch.Tensor, float, Any]], batched: bool
+                  ) -> torch.Tensor:
+    """One rank-4 SDPA ``attn_mask`` from the masks a hand-written attention applies to its
+    scores, each ``(kind, tensor, fill, factor)`` in final-score units:
+
+    - ``("add", bias, _, f)``: ``f * bias`` is added;
+    - ``("keep", cond, fill, f)`` / ``("drop", cond, fill, f)``: where ``cond`` is False / True
+      the key is removed (``fill = -inf``) or ``f * fill`` is added (a fill so negative that it
+      absorbs any score added to it).
+
+    Only removals give a boolean mask (True = attend). ``batched``: the scores are ``[B*H, Lq,
+    Lk]`` (a rank-3 mask indexes B*H, so it becomes ``[B*H, 1, Lq, Lk]``).
+    """
+    total, allowed = None, None
+    for kind, tensor, fill, factor in terms:
+        if kind == "add" or math.isfinite(fill):
+            term = tensor if kind == "add" else \
+                torch.zeros((), dtype=torch.float32, device=tensor.device).masked_fill(
+                    tensor if kind == "drop" else ~tensor, fill).expand(tensor.shape)
+            term = term if isinstance(factor, (int, float)) and factor == 1 else term * factor
+            total = term if total is None else total + term
+        else:
+            keep = ~tensor if kind == "drop" else tensor
+            allowed = keep if allowed is None else allowed & keep
+    if total is None:
+        mask = allowed
+    else:
+        mask = total if allowed is None else total.masked_fill(~allowed, float("-inf"))
+    if batched and mask.dim() == 3:
+        mask = mask.unsqueeze(1)
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    return mask
 
 
-def rank3_mask_to_rank4(mask: torch.Tensor) -> torch.Tensor:
-    """A mask of rank-3 attention (``[B*H | 1, Lq, Lk]``) for its rank-4 form
-    (``[B*H, 1, Lq, Lk]``: one head per batch entry)."""
-    return mask.unsqueeze(1) if mask.dim() == 3 else mask
+def restore_empty_rows(out: torch.Tensor, attn_mask: torch.Tensor, v: torch.Tensor, policy: str
+                       ) -> torch.Tensor:
+    """``out [B, H, Lq, Dv]`` with the rows whose every key ``attn_mask`` removes set to what
+    the original computed there: ``"nan"`` (softmax over a row of -inf) or ``"uniform"`` (every
+    score the same finite fill: the mean of ``v [B, Hkv, Lk, Dv]`` over the keys). The sparse
+    ops and SDPA give zeros there."""
+    removed = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask == float("-inf")
+    empty = removed.all(dim=-1, keepdim=True)  # [B|1, H|1, Lq|1, 1]
+    if policy == "nan":
+        return out.masked_fill(empty, float("nan"))
+    mean = v.float().mean(dim=-2, keepdim=True).to(out.dtype)  # [B, Hkv, 1, Dv]
+    mean = mean.repeat_interleave(out.shape[1] // v.shape[1], dim=1)
+    return torch.where(empty, mean, out)

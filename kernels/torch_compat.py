@@ -16,9 +16,17 @@ def _attention_math(q, k, v, mask, scale):
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     if mask is not None:
         scores += mask
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.masked_fill(torch.isneginf(lse), 0.0).unsqueeze(-1))
-    return torch.matmul(probs, v), lse
+    # Normalise by the row max and sum, not by exp(scores - lse): with a huge bias (finfo.min
+    # padding) lse absorbs log(sum) and the probabilities would not sum to one.
+    if scores.shape[-1] == 0:  # no keys: zeros and lse = -inf
+        lse = scores.new_full(scores.shape[:-1], NEG_INF)
+        return scores.new_zeros(*scores.shape[:-1], v.shape[-1]), lse
+    top = scores.amax(dim=-1, keepdim=True)
+    top = top.masked_fill(torch.isneginf(top), 0.0)
+    probs = torch.exp(scores - top)
+    total = probs.sum(dim=-1, keepdim=True)
+    out = torch.matmul(probs, v) / total.clamp(min=torch.finfo(total.dtype).tiny)
+    return out, (top + total.log()).squeeze(-1)
 
 
 def attention_with_lse(

@@ -10,7 +10,9 @@ That boolean mask is exactly SDPA's top-left causal mask, but as a tensor it cos
 ``[Lq, Lk]`` read per use, and the sparse path would gather it as a bias. :func:`prove_causal`
 accepts only the spellings it can prove: ``le``/``ge`` of two aranges starting at 0 (plus a
 literal 0), laid along the key and query dims by ``None``-indexing/``unsqueeze``, then
-``expand``-ed; anything else (offsets, padding terms, ``lt``) leaves the mask as it is.
+``expand``-ed; anything else (offsets, padding terms, ``lt``, positions cast to a float dtype
+that cannot count to L) leaves the mask as it is. Hand-written sites qualify when that mask is
+their only one (``where(causal, s, -inf)`` or ``masked_fill(~causal, -inf)``).
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .graph_utils import arg, is_call
-from .sites import AttentionSite, example_value
+from .sites import AttentionSite, MaskTerm, Refinement, TermKind, example_value
 
 _LE = (operator.le, torch.le, "le", "__le__")
 _GE = (operator.ge, torch.ge, "ge", "__ge__")
 _BROADCASTS = ("expand", "expand_as", "contiguous", "to", "bool")
 _INT_CASTS = ("to", "long", "int")
+_INVERTS = (operator.invert, torch.logical_not, torch.bitwise_not, "logical_not", "__invert__",
+            "bitwise_not")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -52,6 +56,8 @@ def _arange_along(node: Any, axis: int, length: Any) -> bool:
                                              if i != axis):
         return False
     while True:
+        if _is_float(node):  # positions past the mantissa would round (bf16: L > 256)
+            return False
         moves_nothing = is_call(node, operator.getitem) and _is_positions_index(node.args[1])
         if moves_nothing or is_call(node, "unsqueeze", torch.unsqueeze, *_INT_CASTS):
             node = node.args[0]
@@ -65,13 +71,19 @@ def _arange_along(node: Any, axis: int, length: Any) -> bool:
                 return False
         else:
             break
-    if not is_call(node, torch.arange):
+    if not is_call(node, torch.arange) or _is_float(node):
         return False
     args = list(node.args)
     if len(args) == 1:
         return True  # arange(n): 0 .. n-1 (n matches the dim checked above)
     step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
     return len(args) >= 2 and args[0] == 0 and step == 1
+
+
+def _is_float(node: Any) -> bool:
+    value = example_value(node)
+    return not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or \
+        value.dtype.is_complex
 
 
 def prove_causal(mask: Any, lq: Any, lk: Any) -> bool:
@@ -95,14 +107,24 @@ def prove_causal(mask: Any, lq: Any, lk: Any) -> bool:
     return _arange_along(kv, -1, lk) and _arange_along(q, -2, lq)
 
 
+def _causal_term(term: MaskTerm, lq: Any, lk: Any) -> bool:
+    """A mask term that removes exactly the keys after each query (SDPA's ``is_causal``)."""
+    if term.fill != float("-inf"):
+        return False
+    if term.kind is TermKind.KEEP:
+        return prove_causal(term.node, lq, lk)
+    if term.kind is TermKind.DROP and is_call(term.node, *_INVERTS):
+        return prove_causal(term.node.args[0], lq, lk)
+    return False
+
+
 def causal_mask_as_flag(site: AttentionSite) -> None:
-    """Drops an SDPA site's mask and sets ``is_causal`` when the mask is proved causal."""
-    if not site.rewritable or not site.pattern.startswith("sdpa") or site.attn_mask is None or \
-            site.is_causal:
+    """Drops a site's only mask and sets ``is_causal`` when the mask is proved causal (no query
+    has all its keys masked then, so what fully masked rows compute does not matter)."""
+    if not site.rewritable or site.is_causal or len(site.mask.terms) != 1:
         return
     q, k = example_value(site.q), example_value(site.k)
-    if prove_causal(site.attn_mask, q.shape[-2], k.shape[-2]):
-        site.attn_mask = None
+    if _causal_term(site.mask.terms[0], q.shape[-2], k.shape[-2]):
+        site.mask.terms = []
         site.is_causal = True
-        site.pattern += "+causal_mask"
-        site.extra["mask_kind"] = "causal (boolean mask proved causal)"
+        site.tags.append(Refinement.CAUSAL_MASK)

@@ -61,9 +61,45 @@ def normalized_dim(dim: Any, ndim: int | None) -> int | None:
 
 
 MATMULS = (torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm", "__matmul__")
+SAFE_SOFTMAXES = (torch.ops.aten._safe_softmax, torch.ops.aten._safe_softmax.default)
 SOFTMAXES = (F.softmax, torch.softmax, torch.nn.functional.softmax, "softmax",
              torch.special.softmax,
              # SDPA's math decomposition (Inductor's _sfdp_pattern_29/30): 0 for rows masked out
-             torch.ops.aten._safe_softmax, torch.ops.aten._safe_softmax.default)
+             *SAFE_SOFTMAXES)
 DROPOUTS = (F.dropout, torch.dropout, "dropout")
-CASTS = ("to", "float", "half", "bfloat16", "type", "type_as", "contiguous")
+CASTS = ("to", "float", "double", "half", "bfloat16", "type", "type_as", "contiguous")
+
+# One canonical name per operation, whatever spelling Dynamo recorded (a function, an operator,
+# a method name, an ATen overload): matchers ask ``op(node) == "mul"`` the way Inductor's
+# pattern matcher sees one aten op. Add a spelling here, never in a matcher.
+_SPELLINGS: dict[str, tuple[Any, ...]] = {
+    "matmul": MATMULS,
+    "einsum": (torch.einsum,),
+    "baddbmm": (torch.baddbmm, "baddbmm"),
+    "softmax": SOFTMAXES,
+    "dropout": DROPOUTS,
+    "cast": CASTS,
+    "mul": (operator.mul, torch.mul, "mul", "__mul__", "__rmul__", torch.ops.aten.mul.Scalar,
+            torch.ops.aten.mul.Tensor, operator.imul, "mul_"),
+    "div": (operator.truediv, torch.div, torch.true_divide, "div", "__truediv__", "true_divide",
+            torch.ops.aten.div.Scalar, torch.ops.aten.div.Tensor, operator.itruediv, "div_"),
+    "add": (operator.add, torch.add, "add", "__add__", "__radd__", torch.ops.aten.add.Tensor,
+            operator.iadd, "add_"),
+    "masked_fill": (torch.masked_fill, "masked_fill", "masked_fill_"),
+    "where": (torch.where, "where"),
+    "tanh": (torch.tanh, "tanh", F.tanh),
+    "view": ("view", "reshape", torch.reshape),
+    "transpose": ("transpose", torch.transpose, "swapaxes", torch.swapaxes),
+    "permute": ("permute", torch.permute),
+}
+_CANONICAL = {spelling: name for name, spellings in _SPELLINGS.items() for spelling in spellings}
+
+
+def op(node: Any) -> str | None:
+    """The canonical name of the operation ``node`` calls (see ``_SPELLINGS``), else None."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return None
+    try:
+        return _CANONICAL.get(node.target)
+    except TypeError:  # an unhashable target
+        return None

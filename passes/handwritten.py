@@ -4,19 +4,22 @@ The matcher starts at the final matmul and walks up. Every spelling it understan
 function in one of three catalogs:
 
 - :data:`SCORE_STEPS`: ops allowed between ``q @ k^T`` and the softmax (scaling by mul/div,
-  additive masks, ``masked_fill`` / ``where`` masks, casts). Each returns the op's input on the
-  score path and what it does to the scores, or None when it does not apply.
+  additive masks, ``masked_fill`` / ``where`` masks, casts, a ``[B*H] <-> [B, H]`` view). Each
+  returns the op's input on the score path and what it does to the scores, or None.
 - :data:`KEY_TRANSPOSES`: ways to write ``k^T`` (``transpose``, ``mT``, ``permute``).
 - :data:`KV_REPEATS`: ways to repeat kv heads for GQA/MQA (``repeat_kv``'s expand + reshape,
   ``repeat_interleave``, a broadcast ``expand``).
 
-Scores come out as ``a * (q . k) + sum of masks``, which is SDPA with ``scale = a`` and an
-additive (or boolean) ``attn_mask``. Anything else (soft-capping, training-mode dropout, a
-softmax over another dim, probabilities used elsewhere) keeps the site dense, and says why.
+:func:`normalise` turns the steps into the typed site form (scale factors, mask terms in
+final-score units, what a fully masked row computes), and the guards of :mod:`.guards` prove
+the rest (exclusive scores, no in-place ops, lossless casts, no broadcasting). Anything else
+(soft-capping, training-mode dropout, a softmax over another dim, probabilities used elsewhere)
+keeps the site dense, and says why.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,20 +28,18 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..kernels.attention import combine_masks, rank3_mask_to_rank4
-from .graph_utils import (
-    CASTS,
-    DROPOUTS,
-    MATMULS,
-    SOFTMAXES,
-    arg,
-    is_call,
-    is_scalar,
-    normalized_dim,
-    rank,
-    tensor_value,
+from . import guards
+from .graph_utils import SAFE_SOFTMAXES, arg, is_call, is_scalar, normalized_dim, op, rank, tensor_value
+from .sites import (
+    AttentionSite,
+    EmptyRows,
+    Factor,
+    KeepDense,
+    Layout,
+    MaskTerm,
+    SiteMask,
+    TermKind,
 )
-from .sites import AttentionSite
 
 # Fill values at or below this count as "masked out" (HF uses finfo.min, older code -1e4/-1e9).
 MASK_FILL_MAX = -1e4
@@ -46,61 +47,23 @@ MASK_FILL_MAX = -1e4
 
 @dataclass
 class ScoreStep:
-    """What one op does to the attention scores."""
+    """What one op does to the attention scores (before normalisation)."""
 
-    kind: str  # "scale", "add", "keep" (boolean mask: keep where True), "cast"
-    value: Any = None  # the factor, the additive mask, or the keep mask
-    invert: bool = False  # for "keep": the mask says where to drop, not where to keep
+    kind: str  # "scale", "add", "fill", "cast", "view"
+    value: Any = None  # a Factor, the additive mask, the fill's condition, the 4-d view node
+    keep: bool = True  # for "fill": the condition says where to keep (where) or drop (masked_fill)
+    fill: float = -math.inf  # for "fill": the value written where masked
 
 
 @dataclass
 class ScoreChain:
     qk: fx.Node  # the node computing q @ k^T (matmul, bmm, einsum or baddbmm)
     steps: list[ScoreStep] = field(default_factory=list)  # in the order they apply to q @ k^T
-    nodes: list[fx.Node] = field(default_factory=list)
-
-
-class NoMatch(Exception):
-    """The subgraph is attention-like but cannot be rewritten exactly (message says why)."""
+    nodes: list[fx.Node] = field(default_factory=list)  # the step nodes, from q @ k^T down
 
 
 # ------------------------------------------------------------------------------------------
 # Ops between q @ k^T and the softmax.
-
-
-def step_cast(node: fx.Node) -> tuple[fx.Node, ScoreStep] | None:
-    if is_call(node, *CASTS) and isinstance(node.args[0], fx.Node):
-        return node.args[0], ScoreStep("cast")
-    return None
-
-
-def step_scale_mul(node: fx.Node) -> tuple[fx.Node, ScoreStep] | None:
-    if not is_call(node, operator.mul, torch.mul, "mul", torch.ops.aten.mul.Scalar):
-        return None
-    a, b = node.args[0], node.args[1]
-    if is_scalar(b) and isinstance(a, fx.Node):
-        return a, ScoreStep("scale", _scale_factor(b))
-    if is_scalar(a) and isinstance(b, fx.Node):
-        return b, ScoreStep("scale", _scale_factor(a))
-    return None
-
-
-def step_scale_div(node: fx.Node) -> tuple[fx.Node, ScoreStep] | None:
-    if is_call(node, operator.truediv, torch.div, "div") and is_scalar(node.args[1]) and \
-            isinstance(node.args[0], fx.Node) and arg(node, 2, "rounding_mode") is None:
-        return node.args[0], ScoreStep("scale", ("reciprocal", _scale_factor(node.args[1])))
-    return None
-
-
-def step_add_mask(node: fx.Node) -> list[tuple[fx.Node, ScoreStep]] | None:
-    """``scores + mask`` (either operand order: both are tried)."""
-    if not is_call(node, operator.add, torch.add, "add", operator.iadd) or \
-            arg(node, 2, "alpha", 1) != 1:
-        return None
-    a, b = node.args[0], node.args[1]
-    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
-        return None
-    return [(a, ScoreStep("add", b)), (b, ScoreStep("add", a))]
 
 
 def literal(value: Any) -> Any:
@@ -114,56 +77,80 @@ def literal(value: Any) -> Any:
     return value
 
 
-def _fill_is_mask(value: Any) -> bool:
+def scale_factor(value: Any, reciprocal: bool = False) -> Factor:
+    """A factor of the score scale (see :class:`.sites.Factor`)."""
     value = literal(value)
-    return isinstance(value, (int, float)) and value <= MASK_FILL_MAX
+    tensor = isinstance(value, fx.Node) and tensor_value(value) is not None
+    return Factor(value, reciprocal=reciprocal, tensor=tensor)
 
 
-def _scale_factor(value: Any) -> Any:
-    """A scale factor: a number, a node computing a Python number (e.g. ``.item()``), or
-    ``("tensor", node)`` for a 0-d tensor computed at run time (folded into q, see
-    :func:`emit_sdpa_operands`: SDPA's ``scale`` must be a Python number)."""
+def step_cast(node: fx.Node) -> tuple[fx.Node, ScoreStep] | None:
+    if op(node) == "cast" and isinstance(node.args[0], fx.Node):
+        return node.args[0], ScoreStep("cast", node)
+    return None
+
+
+def step_scale_mul(node: fx.Node) -> tuple[fx.Node, ScoreStep] | None:
+    if op(node) != "mul" or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if is_scalar(b) and isinstance(a, fx.Node):
+        return a, ScoreStep("scale", scale_factor(b))
+    if is_scalar(a) and isinstance(b, fx.Node):
+        return b, ScoreStep("scale", scale_factor(a))
+    return None
+
+
+def step_scale_div(node: fx.Node) -> tuple[fx.Node, ScoreStep] | None:
+    if op(node) == "div" and len(node.args) == 2 and is_scalar(node.args[1]) and \
+            isinstance(node.args[0], fx.Node) and node.kwargs.get("rounding_mode") is None:
+        return node.args[0], ScoreStep("scale", scale_factor(node.args[1], reciprocal=True))
+    return None
+
+
+def step_add_mask(node: fx.Node) -> list[tuple[fx.Node, ScoreStep]] | None:
+    """``scores + mask`` (either operand order: both are tried)."""
+    if op(node) != "add" or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    a, b = node.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    return [(a, ScoreStep("add", b)), (b, ScoreStep("add", a))]
+
+
+def _fill_value(value: Any, what: str) -> float:
     value = literal(value)
-    if isinstance(value, fx.Node) and tensor_value(value) is not None:
-        return ("tensor", value)
-    return value
-
-
-def _is_tensor_factor(factor: Any) -> bool:
-    if isinstance(factor, tuple) and factor[0] == "reciprocal":
-        factor = factor[1]
-    return isinstance(factor, tuple) and factor[0] == "tensor"
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= MASK_FILL_MAX:
+        return float(value)
+    raise KeepDense(f"{what} with value {value!r} (only fills <= {MASK_FILL_MAX:g} or -inf are "
+                    "masks that sparse attention can reproduce)")
 
 
 def step_masked_fill(node: fx.Node) -> tuple[fx.Node, ScoreStep] | None:
-    if not is_call(node, torch.masked_fill, "masked_fill", "masked_fill_"):
+    if op(node) != "masked_fill":
         return None
-    scores, mask, value = node.args[0], arg(node, 1, "mask"), arg(node, 2, "value")
-    if not _fill_is_mask(value):
-        raise NoMatch(f"masked_fill with value {value!r} (only fills <= {MASK_FILL_MAX:g} or "
-                      "-inf are masks that sparse attention can reproduce)")
-    return scores, ScoreStep("keep", mask, invert=True)
+    scores, mask = node.args[0], arg(node, 1, "mask")
+    fill = _fill_value(arg(node, 2, "value"), "masked_fill")
+    return scores, ScoreStep("fill", mask, keep=False, fill=fill)
 
 
 def step_where(node: fx.Node) -> tuple[fx.Node, ScoreStep] | None:
-    if not is_call(node, torch.where, "where") or len(node.args) != 3:
+    if op(node) != "where" or len(node.args) != 3:
         return None
     cond, scores, fill = node.args
-    if not _fill_is_mask(fill):
-        raise NoMatch(f"torch.where with fill {fill!r} is not a mask")
-    return scores, ScoreStep("keep", cond)
+    return scores, ScoreStep("fill", cond, keep=True, fill=_fill_value(fill, "torch.where"))
 
 
 def step_softcap(node: fx.Node) -> None:
-    if is_call(node, torch.tanh, "tanh"):
-        raise NoMatch("logit soft-capping (tanh) is not supported by sparse_attention")
+    if op(node) == "tanh":
+        raise KeepDense("logit soft-capping (tanh) is not supported by sparse_attention")
     return None
 
 
 def step_batch_view(node: fx.Node) -> tuple[fx.Node, ScoreStep] | None:
     """``scores.view(B, H, Lq, Lk)`` <-> ``.view(B * H, Lq, Lk)``: only the leading (batch, head)
     dims regroup (MBart, Inductor's pattern 24, adds its mask in the 4-d view)."""
-    if not is_call(node, "view", "reshape", torch.reshape) or not isinstance(node.args[0], fx.Node):
+    if op(node) != "view" or not isinstance(node.args[0], fx.Node):
         return None
     before, after = tensor_value(node.args[0]), tensor_value(node)
     if before is None or after is None or {before.dim(), after.dim()} != {3, 4} or \
@@ -185,14 +172,14 @@ def _batch_view_shape(steps: list[ScoreStep]) -> tuple[Any, Any] | None:
     if not views:
         return None
     if len(views) != 2 or steps[views[0]].value is None or steps[views[1]].value is not None:
-        raise NoMatch("the scores are reshaped other than [B*H] -> [B, H] -> [B*H]")
-    masks = [i for i, step in enumerate(steps) if step.kind in ("add", "keep")]
+        raise KeepDense("the scores are reshaped other than [B*H] -> [B, H] -> [B*H]")
+    masks = [i for i, step in enumerate(steps) if step.kind in ("add", "fill")]
     if any(not views[0] < i < views[1] for i in masks):
-        raise NoMatch("masks are applied on both sides of a [B*H] <-> [B, H] view of the scores")
+        raise KeepDense("masks are applied on both sides of a [B*H] <-> [B, H] view of the scores")
     view = steps[views[0]].value
     shape = view.args[1] if len(view.args) == 2 else view.args[1:]
     if len(shape) != 4 or any(isinstance(d, int) and d < 0 for d in shape[:2]):
-        raise NoMatch("the [B, H] view of the scores does not name B and H")
+        raise KeepDense("the [B, H] view of the scores does not name B and H")
     return shape[0], shape[1]
 
 
@@ -291,26 +278,28 @@ def unrepeat(node: fx.Node) -> tuple[fx.Node, bool]:
 # The walk.
 
 
-def _pre_scale(node: fx.Node, steps: list[ScoreStep]) -> fx.Node:
+def _pre_scale(node: fx.Node, steps: list[ScoreStep], owned: list[fx.Node]) -> fx.Node:
     """Strips scalar multiplications/divisions of q or k (pre-scaled operands)."""
     while True:
         found = step_scale_mul(node) or step_scale_div(node)
         if found is None:
             return node
+        owned.append(node)
         node, step = found
         steps.append(step)
 
 
 def _walk_scores(node: fx.Node, depth: int = 0) -> ScoreChain:
     if depth > 12:
-        raise NoMatch("too many ops between q @ k^T and the softmax")
-    if is_call(node, *MATMULS) or is_call(node, torch.einsum):
+        raise KeepDense("too many ops between q @ k^T and the softmax")
+    if op(node) in ("matmul", "einsum"):
         return ScoreChain(qk=node)
-    if is_call(node, torch.baddbmm, "baddbmm"):  # beta * input + alpha * (q @ k^T)
+    if op(node) == "baddbmm":  # beta * input + alpha * (q @ k^T)
         beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
         if beta != 1 or not is_scalar(alpha):
-            raise NoMatch(f"baddbmm with beta={beta}, alpha={alpha}")
-        return ScoreChain(qk=node, steps=[ScoreStep("scale", alpha), ScoreStep("add", node.args[0])])
+            raise KeepDense(f"baddbmm with beta={beta}, alpha={alpha}")
+        return ScoreChain(qk=node, steps=[ScoreStep("scale", scale_factor(alpha)),
+                                          ScoreStep("add", node.args[0])])
     for step_fn in SCORE_STEPS:
         found = step_fn(node)
         if found is None:
@@ -320,50 +309,93 @@ def _walk_scores(node: fx.Node, depth: int = 0) -> ScoreChain:
         for source, step in options:
             try:
                 chain = _walk_scores(source, depth + 1)
-            except NoMatch as err:
+            except KeepDense as err:
                 last_error = err
                 continue
             chain.steps.append(step)
             chain.nodes.append(node)
             return chain
-        raise last_error or NoMatch("no matmul found above the softmax")
+        raise last_error or KeepDense("no matmul found above the softmax")
     target = node.target if node.op != "placeholder" else "a graph input"
-    raise NoMatch(f"unsupported op {getattr(target, '__name__', target)!r} between q @ k^T "
-                  "and the softmax")
+    raise KeepDense(f"unsupported op {getattr(target, '__name__', target)!r} between q @ k^T "
+                    "and the softmax")
 
 
 def _walk_probs(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-    """From the PV matmul's first operand up to the softmax, through casts and eval dropout."""
+    """From the PV matmul's first operand up to the softmax, through casts and eval dropout
+    (listed from the softmax down)."""
     passed = []
-    while not is_call(node, *SOFTMAXES):
-        if is_call(node, *DROPOUTS):
+    while op(node) != "softmax":
+        if op(node) == "dropout":
             p, training = arg(node, 1, "p", 0.5), arg(node, 2, "training", True)
             if p != 0 and training is not False:
-                raise NoMatch(f"dropout(p={p}) in training mode")
-        elif not is_call(node, *CASTS):
-            raise NoMatch("the PV matmul's first operand is not a softmax")
+                raise KeepDense(f"dropout(p={p}) in training mode")
+        elif op(node) != "cast":
+            raise KeepDense("the PV matmul's first operand is not a softmax")
         passed.append(node)
         node = node.args[0]
         if not isinstance(node, fx.Node):
-            raise NoMatch("the PV matmul's first operand is not a softmax")
-    return node, passed
+            raise KeepDense("the PV matmul's first operand is not a softmax")
+    return node, passed[::-1]
 
 
 def _einsum_operands(node: fx.Node, kind: str) -> tuple[fx.Node, fx.Node] | None:
     """``einsum("...qd,...kd->...qk", q, k)`` (kind "qk") / ``("...qk,...kd->...qd", p, v)``."""
-    if not is_call(node, torch.einsum) or len(node.args) != 3:
+    if op(node) != "einsum" or len(node.args) != 3 or not isinstance(node.args[0], str):
         return None
     equation = node.args[0].replace(" ", "")
+    if "->" not in equation or equation.count(",") != 1:
+        return None
     inputs, output = equation.split("->")
     left, right = inputs.split(",")
     if not (len(left) == len(right) == len(output) and left[:-2] == right[:-2] == output[:-2]):
         return None
+    if len(set(left)) != len(left) or len(set(right)) != len(right):
+        return None  # a repeated index is a trace/diagonal, not a matrix product
     (a1, a2), (b1, b2), (o1, o2) = left[-2:], right[-2:], output[-2:]
     if kind == "qk" and a2 == b2 and (o1, o2) == (a1, b1) and a1 != b1:
         return node.args[1], node.args[2]
-    if kind == "pv" and a2 == b1 and (o1, o2) == (a1, b2):
+    if kind == "pv" and a2 == b1 and (o1, o2) == (a1, b2) and a1 != b2:
         return node.args[1], node.args[2]
     return None
+
+
+def normalise(steps: list[ScoreStep], safe_softmax: bool, score_dtype: torch.dtype
+              ) -> tuple[list[Factor], SiteMask]:
+    """Steps in the order they apply to ``q @ k^T`` -> the scale factors and the typed mask.
+
+    Masks land in final-score units (an additive mask carries the factors applied after it).
+    Fills: ``-inf`` removes keys; a finite fill at or below half the dtype's most negative
+    number absorbs any score added to it, so it is exactly the additive bias ``where(keep, 0,
+    fill)``; another finite fill (-1e4, -1e9) removes keys too, and a row it masks entirely
+    computes the mean of v (every score equal), which the lowering restores.
+    """
+    factors: list[Factor] = []
+    terms: list[MaskTerm] = []
+    finite_fills: set[float] = set()
+    for step in steps:
+        if step.kind == "scale":
+            factors.append(step.value)
+            terms = [MaskTerm(t.kind, t.node, (*t.factors, step.value), t.fill)
+                     if t.kind is TermKind.ADD or math.isfinite(t.fill) else t for t in terms]
+        elif step.kind == "add":
+            terms.append(MaskTerm(TermKind.ADD, step.value))
+        elif step.kind == "fill":
+            kind = TermKind.KEEP if step.keep else TermKind.DROP
+            if math.isfinite(step.fill) and step.fill > torch.finfo(score_dtype).min / 2:
+                finite_fills.add(step.fill)
+                terms.append(MaskTerm(kind, step.value))  # removes keys (-inf), see above
+            else:
+                terms.append(MaskTerm(kind, step.value, fill=step.fill))
+    empty_rows = EmptyRows.ZERO if safe_softmax else EmptyRows.NAN
+    if finite_fills:
+        others = [t for t in terms if t.kind is TermKind.ADD or math.isfinite(t.fill)]
+        if len(finite_fills) > 1 or others:
+            raise KeepDense(f"a masked_fill/where with the finite fill {min(finite_fills):g} "
+                            "combined with other masks: a row they mask entirely computes a "
+                            "mix the sparse ops do not reproduce")
+        empty_rows = EmptyRows.UNIFORM
+    return factors, SiteMask(terms, empty_rows)
 
 
 def match_matmul_softmax_matmul(node: fx.Node) -> AttentionSite | None:
@@ -371,155 +403,97 @@ def match_matmul_softmax_matmul(node: fx.Node) -> AttentionSite | None:
     bmm, einsum; scaling by mul/div or pre-scaled q/k; additive, masked_fill and where masks;
     casts around the softmax; eval-mode dropout; GQA by repeat_kv/repeat_interleave/expand)."""
     pv = _einsum_operands(node, "pv")
-    if pv is None and is_call(node, *MATMULS) and len(node.args) >= 2:
+    if pv is None and op(node) == "matmul" and len(node.args) >= 2:
         pv = node.args[0], node.args[1]
     if pv is None or not isinstance(pv[0], fx.Node) or rank(node) not in (3, 4):
         return None
     try:
         softmax, prob_nodes = _walk_probs(pv[0])
-    except NoMatch:
+    except KeepDense:
         return None  # not attention at all: an ordinary matmul
     site = AttentionSite(node=node, pattern="matmul_softmax_matmul")
     try:
-        dim = normalized_dim(arg(softmax, 1, "dim"), rank(softmax))
-        if dim != rank(softmax) - 1:
-            raise NoMatch("softmax is not over the last (key) dim")
-        chain = _walk_scores(softmax.args[0])
-        qk = _einsum_operands(chain.qk, "qk")
-        pre_steps: list[ScoreStep] = []
-        if is_call(chain.qk, torch.einsum) and qk is None:
-            raise NoMatch(f"einsum {chain.qk.args[0]!r} is not q @ k^T")
-        if qk is not None:
-            q, k = qk
-        else:
-            offset = 1 if is_call(chain.qk, torch.baddbmm, "baddbmm") else 0
-            q, k_t = chain.qk.args[offset], chain.qk.args[offset + 1]
-            k_t = _pre_scale(k_t, pre_steps)
-            k = _first(KEY_TRANSPOSES, k_t)
-            if k is None:
-                raise NoMatch("the second operand of q @ k^T is not a transposed key")
-        q = _pre_scale(q, pre_steps)
-        k = _pre_scale(k, pre_steps)
-        site.extra["steps"] = pre_steps + chain.steps
-        site.extra["batch_view"] = _batch_view_shape(chain.steps)
-        if site.extra["batch_view"] is not None:  # heads per batch entry, for the indexer
-            site.extra["view_heads"] = int(tensor_value(
-                next(s.value for s in chain.steps if s.kind == "view")).shape[1])
-        kinds = sorted({"bool mask" if s.kind == "keep" else "additive mask"
-                        for s in chain.steps if s.kind in ("add", "keep")})
-        site.extra["mask_kind"] = " + ".join(kinds) or "none"
-        chain_nodes = [*chain.nodes, softmax, *prob_nodes, chain.qk]
-        for inner in [*chain.nodes, softmax, *prob_nodes]:
-            if len([u for u in inner.users if not _shape_only_use(u, inner)]) != 1:
-                raise NoMatch("the attention scores or probabilities are used elsewhere "
-                              "(e.g. output_attentions)")
-        site.extra["chain_nodes"] = chain_nodes
-        v = pv[1]
-        k_source, k_repeated = unrepeat(k)
-        v_source, v_repeated = unrepeat(v)
-        if k_repeated and v_repeated:
-            k, v = k_source, v_source
-        site.q, site.k, site.v = q, k, v
-        site.enable_gqa = k_repeated and v_repeated
-        site.scale = 1.0
-        _check_shapes(site)
-    except NoMatch as err:
+        _match(site, softmax, prob_nodes, pv[1])
+    except KeepDense as err:
         return site.keep_dense(str(err))
     return site
 
 
-def _shape_only_use(user: fx.Node, node: fx.Node) -> bool:
-    """``x.expand_as(node)``, ``node.size()``, ``node.dim()``: uses of the shape, not the values
-    (Inductor's DistilBert pattern expands its mask to the scores' shape)."""
-    if is_call(user, "expand_as", "type_as", "new_zeros", "new_empty"):
-        return user.args[0] is not node
-    return is_call(user, "size", "dim")
+def _match(site: AttentionSite, softmax: fx.Node, prob_nodes: list[fx.Node], v: fx.Node) -> None:
+    dim = normalized_dim(arg(softmax, 1, "dim"), rank(softmax))
+    if dim != rank(softmax) - 1:
+        raise KeepDense("softmax is not over the last (key) dim")
+    chain = _walk_scores(softmax.args[0])
+    site.scores = chain.qk
+    owned: list[fx.Node] = []
+    qk = _einsum_operands(chain.qk, "qk")
+    pre_steps: list[ScoreStep] = []
+    if op(chain.qk) == "einsum" and qk is None:
+        raise KeepDense(f"einsum {chain.qk.args[0]!r} is not q @ k^T")
+    if qk is not None:
+        q, k = qk
+    else:
+        offset = 1 if op(chain.qk) == "baddbmm" else 0
+        q, k_t = chain.qk.args[offset], chain.qk.args[offset + 1]
+        k_t = _pre_scale(k_t, pre_steps, owned)
+        k = _first(KEY_TRANSPOSES, k_t)
+        if k is None:
+            raise KeepDense("the second operand of q @ k^T is not a transposed key")
+        owned.append(k_t)
+    q = _pre_scale(q, pre_steps, owned)
+    k = _pre_scale(k, pre_steps, owned)
+    scores_value = tensor_value(chain.qk)
+    if scores_value is None or not scores_value.dtype.is_floating_point:
+        raise KeepDense("q @ k^T has no recorded floating dtype")
+    steps = pre_steps + chain.steps
+    site.view_shape = _batch_view_shape(chain.steps)
+    softmax_dtype = tensor_value(softmax).dtype
+    guards.check_lossless_casts([s.value for s in chain.steps if s.kind == "cast"], softmax_dtype)
+    for cast in prob_nodes:
+        if op(cast) == "cast" and not tensor_value(cast).dtype.is_floating_point:
+            raise KeepDense(f"the probabilities are cast to {tensor_value(cast).dtype}")
+    site.scale, site.mask = normalise(steps, softmax.target in SAFE_SOFTMAXES,
+                                       _masked_dtype(chain, scores_value.dtype))
+    numbers = [f.value for f in site.scale if isinstance(f.value, (int, float))]
+    if any(n <= 0 for n in numbers):
+        raise KeepDense("a scale <= 0 (the indexer ranks keys by q . k)")
+    chain_nodes = [chain.qk, *chain.nodes, softmax, *prob_nodes, site.node]
+    guards.check_exclusive(chain_nodes)
+    views = [node for step, node in _step_nodes(chain) if step.kind == "view" and node is not None]
+    masked_shape = tensor_value(views[0]).shape if site.view_shape is not None else \
+        scores_value.shape
+    for term in site.mask.terms:
+        guards.check_mask_shape(term.node, tuple(masked_shape))
+    k_source, k_repeated = unrepeat(k)
+    v_source, v_repeated = unrepeat(v)
+    if k_repeated and v_repeated:
+        owned += [k, v]
+        k, v = k_source, v_source
+    site.q, site.k, site.v = q, k, v
+    site.enable_gqa = k_repeated and v_repeated
+    site.layout = Layout.BHLD if rank(q) == 4 else \
+        Layout.BATCH_VIEW if site.view_shape is not None else Layout.BATCHED
+    guards.check_operands(site)
+    site.owned = [*chain_nodes[:-1], *owned]
+    site.span = min(site.owned, key=_position(site.node.graph))
+    guards.check_no_mutation(site.node.graph, site.span, site.node, chain_nodes[:-1])
 
 
-def _check_shapes(site: AttentionSite) -> None:
-    q, k, v = (tensor_value(x) for x in (site.q, site.k, site.v))
-    if q is None or k is None or v is None:
-        raise NoMatch("q, k or v has no recorded shape")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise NoMatch(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}): the "
-                      "probabilities are cast to another dtype before p @ v")
-    if not (q.dim() == k.dim() == v.dim()) or q.dim() not in (3, 4):
-        raise NoMatch(f"q, k, v ranks {q.dim()}, {k.dim()}, {v.dim()} (expected 3 or 4)")
-    if q.dim() == 4 and (q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1]):
-        raise NoMatch(f"head counts q={q.shape[1]}, k={k.shape[1]}, v={v.shape[1]} do not form GQA")
-    if k.shape[-2] != v.shape[-2] or q.shape[-1] != k.shape[-1]:
-        raise NoMatch(f"q @ k^T and p @ v do not pair up: k {tuple(k.shape)}, v {tuple(v.shape)}, "
-                      f"q {tuple(q.shape)}")
-    if q.dim() == 3 and not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise NoMatch("batched matmul operands have different batch sizes")
+def _masked_dtype(chain: ScoreChain, default: torch.dtype) -> torch.dtype:
+    """The dtype of the scores where the first fill writes (fills are exact in that dtype)."""
+    for step, node in _step_nodes(chain):
+        if step.kind == "fill" and node is not None:
+            return tensor_value(node).dtype
+    return default
 
 
-# ------------------------------------------------------------------------------------------
-# Turning a matched chain into SDPA operands (nodes inserted before the site).
+def _step_nodes(chain: ScoreChain) -> list[tuple[ScoreStep, fx.Node | None]]:
+    """Each step with the node that applies it (None for the steps baddbmm applies itself)."""
+    offset = len(chain.steps) - len(chain.nodes)
+    return [(step, chain.nodes[i - offset] if i >= offset else None)
+            for i, step in enumerate(chain.steps)]
 
 
-def _unwrap(factor: Any) -> Any:
-    return factor[1] if isinstance(factor, tuple) and factor[0] == "tensor" else factor
-
-
-def _product(graph: fx.Graph, factors: list[Any]) -> Any:
-    """The product of numbers and scalar nodes; ("reciprocal", x) stands for 1 / x."""
-    number, nodes = 1.0, []
-    for factor in factors:
-        if isinstance(factor, tuple) and factor[0] == "reciprocal":
-            value = _unwrap(factor[1])
-            if isinstance(value, fx.Node):
-                nodes.append(graph.call_function(operator.truediv, (1.0, value)))
-            else:
-                number /= value
-        elif isinstance(_unwrap(factor), fx.Node):
-            nodes.append(_unwrap(factor))
-        else:
-            number *= factor
-    result: Any = number
-    for node in nodes:
-        result = graph.call_function(operator.mul, (result, node))
-    return result
-
-
-def emit_sdpa_operands(graph: fx.Graph, site: AttentionSite) -> dict[str, Any]:
-    """SDPA-equivalent operands of a hand-written site: q, k, v (rank 4), attn_mask, scale, and
-    whether the output must be squeezed back to rank 3 (dim 1). Call inside
-    ``graph.inserting_before``.
-    """
-    scale_factors: list[Any] = []
-    terms: list[dict[str, Any]] = []
-    for step in site.extra["steps"]:
-        if step.kind == "scale":
-            scale_factors.append(step.value)
-            for term in terms:
-                if term["kind"] == "add":
-                    term["factors"].append(step.value)
-        elif step.kind == "add":
-            terms.append({"kind": "add", "node": step.value, "factors": []})
-        elif step.kind == "keep":
-            terms.append({"kind": "keep", "node": step.value, "invert": step.invert})
-    mask = None
-    if terms:
-        adds = [t["node"] for t in terms if t["kind"] == "add"]
-        add_scales = [_product(graph, t["factors"]) for t in terms if t["kind"] == "add"]
-        keeps = [t["node"] for t in terms if t["kind"] == "keep" and not t["invert"]]
-        drops = [t["node"] for t in terms if t["kind"] == "keep" and t["invert"]]
-        mask = graph.call_function(combine_masks, (adds, add_scales, keeps, drops))
-    q, k, v = site.q, site.k, site.v
-    tensor_factors = [f for f in scale_factors if _is_tensor_factor(f)]
-    if tensor_factors:  # (q . k) * t == (q * t) . k: run-time tensor scales go into q
-        q = graph.call_function(operator.mul, (q, _product(graph, tensor_factors)))
-        scale_factors = [f for f in scale_factors if not _is_tensor_factor(f)]
-    batch_view = site.extra.get("batch_view")
-    if batch_view is not None:  # [B*H, L, D] -> [B, H, L, D], where the masks live
-        q, k, v = (graph.call_method("unflatten", (x, 0, tuple(batch_view))) for x in (q, k, v))
-        return {"q": q, "k": k, "v": v, "attn_mask": mask, "scale": _product(graph, scale_factors),
-                "squeeze": False, "flatten": True}
-    squeeze = rank(q) == 3
-    if squeeze:  # [B*H, L, D] batched matmuls: B*H batches of one head each
-        q, k, v = (graph.call_method("unsqueeze", (x, 1)) for x in (q, k, v))
-        if mask is not None:
-            mask = graph.call_function(rank3_mask_to_rank4, (mask,))
-    return {"q": q, "k": k, "v": v, "attn_mask": mask, "scale": _product(graph, scale_factors),
-            "squeeze": squeeze, "flatten": False}
+def _position(graph: fx.Graph) -> Callable[[fx.Node], int]:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return order.__getitem__

@@ -13,6 +13,7 @@ indices with the original mask as bias: the same output, without the dense index
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import fx
 
 from .graph_utils import CASTS, arg, is_call
 from .handwritten import MASK_FILL_MAX
-from .sites import AttentionSite
+from .sites import AttentionSite, Refinement
 
 
 def _strip_casts(node: Any) -> Any:
@@ -63,19 +64,14 @@ def strip_index_mask(mask: Any) -> tuple[Any, fx.Node] | None:
 
 
 def use_model_indexer(site: AttentionSite) -> None:
-    """Points a site at the model's own top-k indices when its mask folds them in."""
+    """Points a site at the model's own top-k indices when one of its masks folds them in."""
     if not site.rewritable:
         return
-    if site.pattern == "sdpa" and site.attn_mask is not None:
-        found = strip_index_mask(site.attn_mask)
+    for i, term in enumerate(site.mask.terms):
+        found = strip_index_mask(term.node)
         if found:
-            site.extra["index_mask"] = site.attn_mask
-            site.attn_mask, site.extra["model_indices"] = found
-    for step in site.extra.get("steps", []):
-        if step.kind in ("add", "keep") and "model_indices" not in site.extra:
-            found = strip_index_mask(step.value)
-            if found:
-                site.extra["index_mask"] = step.value
-                step.value, site.extra["model_indices"] = found
-    if "model_indices" in site.extra:
-        site.pattern += "+model_indexer"
+            site.owned.append(term.node)
+            base, site.model_indices = found
+            site.mask.terms[i] = dataclasses.replace(term, node=base)
+            site.tags.append(Refinement.MODEL_INDEXER)
+            return

@@ -15,10 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from . import guards
 from .causal_mask import causal_mask_as_flag
+from .graph_utils import is_scalar
 from .handwritten import match_matmul_softmax_matmul, unrepeat
 from .model_indexer import use_model_indexer
-from .sites import AttentionSite, example_value
+from .sites import (
+    AttentionSite,
+    Factor,
+    KeepDense,
+    MaskTerm,
+    Refinement,
+    SiteMask,
+    TermKind,
+    example_value,
+)
 
 _SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _SDPA_PARAMS = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
@@ -45,42 +56,76 @@ def match_sdpa(node: fx.Node) -> AttentionSite | None:
     if node.op != "call_function" or node.target not in _SDPA_TARGETS:
         return None
     args = bind_arguments(node, _SDPA_PARAMS, _SDPA_DEFAULTS)
-    site = AttentionSite(
-        node=node, pattern="sdpa", q=args["query"], k=args["key"], v=args["value"],
-        attn_mask=args["attn_mask"], is_causal=args["is_causal"], scale=args["scale"],
-        enable_gqa=args["enable_gqa"],
-    )
+    site = AttentionSite(node=node, pattern="sdpa", q=args["query"], k=args["key"],
+                         v=args["value"], is_causal=args["is_causal"],
+                         enable_gqa=args["enable_gqa"])
+    try:
+        _check_sdpa(site, args)
+    except KeepDense as err:
+        return site.keep_dense(str(err))
+    return site
+
+
+def _check_sdpa(site: AttentionSite, args: dict[str, Any]) -> None:
     if not _is_literal(args["dropout_p"]) or args["dropout_p"] != 0.0:
-        return site.keep_dense(f"dropout_p={args['dropout_p']} (training-mode dropout is not "
-                               "reproduced by the sparse ops)")
+        raise KeepDense(f"dropout_p={args['dropout_p']} (training-mode dropout is not "
+                        "reproduced by the sparse ops)")
     if not isinstance(args["is_causal"], bool):
-        return site.keep_dense("is_causal is computed at run time (not a Python bool)")
+        raise KeepDense("is_causal is computed at run time (not a Python bool)")
     if not isinstance(args["enable_gqa"], bool):
-        return site.keep_dense("enable_gqa is computed at run time (not a Python bool)")
-    q, k, v = (example_value(x) for x in (site.q, site.k, site.v))
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
-        return site.keep_dense("q, k, v are not all rank-4 [B, H, L, D] tensors")
-    if q.shape[1] != k.shape[1] and not args["enable_gqa"]:
-        return site.keep_dense("query and key head counts differ without enable_gqa")
-    mask = example_value(site.attn_mask)
-    if site.attn_mask is not None and not isinstance(mask, torch.Tensor):
-        return site.keep_dense("attn_mask is not a tensor")
-    if isinstance(mask, torch.Tensor) and mask.dim() > 4:
-        return site.keep_dense(f"attn_mask has rank {mask.dim()} > 4")
-    if site.is_causal and site.attn_mask is not None:
-        return site.keep_dense("SDPA rejects is_causal together with attn_mask")
+        raise KeepDense("enable_gqa is computed at run time (not a Python bool)")
+    scale = args["scale"]
+    if scale is not None:
+        if not is_scalar(scale):
+            raise KeepDense(f"scale {scale!r} is not a number")
+        site.scale = [Factor(scale)]
+    mask = args["attn_mask"]
+    if mask is not None:
+        if not isinstance(mask, fx.Node):
+            raise KeepDense("attn_mask is not a tensor")
+        if site.is_causal:
+            raise KeepDense("SDPA rejects is_causal together with attn_mask")
+        is_bool = getattr(example_value(mask), "dtype", None) == torch.bool
+        site.mask = SiteMask([MaskTerm(TermKind.KEEP if is_bool else TermKind.ADD, mask)])
+    q, k = example_value(site.q), example_value(site.k)
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k)):
+        raise KeepDense("q, k, v are not all rank-4 [B, H, L, D] tensors")
+    guards.check_operands(site)
+    if mask is not None:
+        guards.check_mask_shape(mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
     # K/V repeated for GQA before the call (HF's repeat_kv when it cannot use enable_gqa):
     # attend to the kv heads themselves (no H/Hkv-fold copies; the indexer sees the real keys).
     (k_source, k_repeated), (v_source, v_repeated) = unrepeat(site.k), unrepeat(site.v)
     if k_repeated and v_repeated and not site.enable_gqa and \
             example_value(k_source).shape[1] == example_value(v_source).shape[1]:
+        site.owned = [site.k, site.v]
         site.k, site.v, site.enable_gqa = k_source, v_source, True
-    return site
+        site.tags.append(Refinement.GQA_UNREPEATED)
+
+
+_FUSED_MHA = {
+    torch._native_multi_head_attention: "nn.MultiheadAttention's fused fast path "
+    "(torch._native_multi_head_attention)",
+    torch._transformer_encoder_layer_fwd: "nn.TransformerEncoderLayer's fused fast path "
+    "(torch._transformer_encoder_layer_fwd)",
+}
+
+
+def match_fused_mha(node: fx.Node) -> AttentionSite | None:
+    """PyTorch's fused ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` inference
+    kernels: attention inside one ATen call that the pass cannot open. Reported, kept dense."""
+    if node.op != "call_function" or node.target not in _FUSED_MHA:
+        return None
+    site = AttentionSite(node=node, pattern="fused_mha")
+    return site.keep_dense(
+        f"{_FUSED_MHA[node.target]} runs attention inside one kernel; call "
+        "torch.backends.mha.set_fastpath_enabled(False) before compiling to expose its SDPA")
 
 
 CATALOG: list[Callable[[fx.Node], AttentionSite | None]] = [
     match_sdpa,
     match_matmul_softmax_matmul,
+    match_fused_mha,
 ]
 
 

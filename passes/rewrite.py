@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..kernels.attention import dsa_attention, indexed_attention
-from .handwritten import emit_sdpa_operands
+from ..kernels.attention import dsa_attention, granularity, indexed_attention
+from .guards import mutated_inputs
 from .indexer_init import find_projection_weight, initial_indexer
+from .lower import emit_operands, emit_output
 from .patterns import CATALOG, REFINEMENTS
 from .rotary import applies_rotary
-from .sites import AttentionSite, example_value
+from .sites import AttentionSite, Layout, example_value
 
 
 @dataclass(frozen=True)
@@ -128,13 +129,6 @@ def rewrite_sites(
     return result
 
 
-def _sdpa_operands(graph: fx.Graph, site: AttentionSite) -> dict:
-    if "steps" in site.extra:  # a hand-written site: rebuild scale and mask from its steps
-        return emit_sdpa_operands(graph, site)
-    return {"q": site.q, "k": site.k, "v": site.v, "attn_mask": site.attn_mask,
-            "scale": site.scale, "squeeze": False, "flatten": False}
-
-
 def _new_input(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
     """A placeholder after the last existing one."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -144,20 +138,21 @@ def _new_input(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
     return node
 
 
-def _replace(graph: fx.Graph, site: AttentionSite, replacement: fx.Node, operands: dict) -> None:
-    """Puts ``replacement`` in place of the site's output and drops what only fed the site.
-    Rank-3 sites get their output back as ``[B*H, L, Dv]`` (``squeeze`` / ``flatten``)."""
-    replacement.meta.update(site.node.meta)
-    result_node = replacement
-    if operands["squeeze"] or operands["flatten"]:
-        with graph.inserting_after(replacement):
-            result_node = graph.call_method("squeeze", (replacement, 1)) if operands["squeeze"] \
-                else graph.call_method("flatten", (replacement, 0, 1))
-    site.node.replace_all_uses_with(result_node)
+def _lower(graph: fx.Graph, site: AttentionSite, attention, *extra_args, **kwargs) -> None:
+    """Replaces the site by ``attention(q, k, v, attn_mask, *extra_args, scale=..., **kwargs)``
+    on its SDPA-equivalent operands, then drops what only fed the site."""
+    with graph.inserting_before(site.node):
+        operands = emit_operands(graph, site)
+        out = graph.call_function(attention, args=(operands.q, operands.k, operands.v,
+                                                   operands.attn_mask, *extra_args),
+                                  kwargs=dict(is_causal=site.is_causal, scale=operands.scale,
+                                              enable_gqa=site.enable_gqa, **kwargs))
+        out.meta.update(site.node.meta)
+        result = emit_output(graph, site, out, operands)
+    site.node.replace_all_uses_with(result)
     graph.erase_node(site.node)
-    site.node = replacement
-    dead = [*site.extra.get("chain_nodes", []), site.extra.get("index_mask")]
-    _erase_unused(graph, [n for n in dead if n is not None])
+    site.node = out
+    _erase_unused(graph, site.owned)
 
 
 def _erase_unused(graph: fx.Graph, nodes: list[fx.Node], depth: int = 8) -> None:
@@ -168,7 +163,7 @@ def _erase_unused(graph: fx.Graph, nodes: list[fx.Node], depth: int = 8) -> None
         for node in nodes:
             if node in erased or node.users or node.op not in ("call_function", "call_method"):
                 continue
-            if _mutates(node):
+            if mutated_inputs(node):
                 continue  # never drop a mutation
             next_nodes.extend(node.all_input_nodes)
             graph.erase_node(node)
@@ -176,41 +171,21 @@ def _erase_unused(graph: fx.Graph, nodes: list[fx.Node], depth: int = 8) -> None
         nodes = next_nodes
 
 
-def _mutates(node: fx.Node) -> bool:
-    """In-place ops (``x.add_(...)``, ``torch.relu_``); ``operator.and_`` and friends are not."""
-    if node.op == "call_function" and getattr(node.target, "__module__", "") == "_operator":
-        return False
-    name = str(getattr(node.target, "__name__", node.target))
-    return name.endswith("_") and not name.startswith("__")
-
-
-def _rewrite_with_model_indices(gm: fx.GraphModule, site: AttentionSite) -> None:
-    graph = gm.graph
-    with graph.inserting_before(site.node):
-        operands = _sdpa_operands(graph, site)
-        replacement = graph.call_function(
-            indexed_attention,
-            args=(operands["q"], operands["k"], operands["v"], operands["attn_mask"],
-                  site.extra["model_indices"]),
-            kwargs=dict(is_causal=site.is_causal, scale=operands["scale"],
-                        enable_gqa=site.enable_gqa),
-        )
-    _replace(graph, site, replacement, operands)
-    site.index_init = "the model's own indexer"
-    site.reason = "rewritten: sparse attention on the model's top-k indices (no dense mask)"
-
-
 def _rewrite(gm: fx.GraphModule, site: AttentionSite, inputs, settings: RewriteSettings,
              result: RewriteResult) -> None:
-    if "model_indices" in site.extra:
-        _rewrite_with_model_indices(gm, site)
+    if site.model_indices is not None:
+        _lower(gm.graph, site, indexed_attention, site.model_indices)
+        site.index_init = "the model's own indexer"
+        site.granularity = "the model's own top-k per query"
+        site.reason = "rewritten: sparse attention on the model's top-k indices (no dense mask)"
         return
     q, k = example_value(site.q), example_value(site.k)
-    if q.dim() == 3:  # batched matmuls over [B*H, L, D]: one head per batch entry
-        heads = kv_heads = site.extra.get("view_heads", 1)  # unless viewed as [B, H] (MBart)
-        dim = int(q.shape[2])
-    else:
+    if site.layout is Layout.BHLD:
         heads, kv_heads, dim = int(q.shape[1]), int(k.shape[1]), int(q.shape[3])
+    else:  # batched matmuls over [B*H, L, D]: one head per batch entry, unless viewed as [B, H]
+        heads = kv_heads = int(example_value(site.view_shape[1])) \
+            if site.layout is Layout.BATCH_VIEW else 1
+        dim = int(q.shape[2])
     wq = find_projection_weight(site.q, heads * dim, inputs)
     wk = find_projection_weight(site.k, kv_heads * dim, inputs)
     rotary = applies_rotary(site.q, dim) and applies_rotary(site.k, dim)
@@ -226,19 +201,20 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, inputs, settings: RewriteS
         value = getattr(indexer, name)
         params.append(_new_input(gm, f"dsa_{len(result.extra_inputs)}_{name}", value))
         result.extra_inputs.append(value)
-    graph = gm.graph
-    with graph.inserting_before(site.node):
-        operands = _sdpa_operands(graph, site)
-        replacement = graph.call_function(
-            dsa_attention,
-            args=(operands["q"], operands["k"], operands["v"], operands["attn_mask"], *params),
-            kwargs=dict(
-                is_causal=site.is_causal, scale=operands["scale"], enable_gqa=site.enable_gqa,
-                topk=settings.topk, dense_up_to=settings.dense_up_to,
-                query_block=settings.query_block, key_block=settings.key_block,
-                candidate_blocks=settings.candidate_blocks,
-            ),
-        )
-    _replace(graph, site, replacement, operands)
+    _lower(gm.graph, site, dsa_attention, *params, topk=settings.topk,
+           dense_up_to=settings.dense_up_to, query_block=settings.query_block,
+           key_block=settings.key_block, candidate_blocks=settings.candidate_blocks)
     site.index_init = init.source
+    site.granularity = describe_granularity(device, settings)
     site.reason = f"rewritten: top-{settings.topk} above {settings.dense_up_to} keys"
+
+
+def describe_granularity(device: torch.device, settings: RewriteSettings) -> str:
+    """How the site selects keys (see ``DSAConfig``): per query, or per tile of queries."""
+    query_block, key_block = granularity(device, settings.query_block, settings.key_block)
+    select = "per query" if query_block == 1 else \
+        f"shared by each tile of {query_block} queries (a query's keys depend on later queries " \
+        "of its tile)"
+    scan = "every key scored" if key_block == 0 else \
+        f"two-stage over {key_block}-key blocks"
+    return f"{device.type}: top-{settings.topk} {select}; {scan}"

@@ -1,7 +1,15 @@
-"""What the detection pass found: one record per attention site, rewritten or kept dense."""
+"""The one typed form every matcher returns: an attention site, normalised to SDPA's terms.
+
+A site is ``softmax(scale * q @ k^T + mask) @ v`` over ``q [B, H, Lq, D]``, ``k [B, Hkv, Lk, D]``,
+``v [B, Hkv, Lk, Dv]`` (or a batched ``[B*H, L, D]`` layout), whatever spelling the model used.
+Matchers (:mod:`.patterns`) fill it in; guards (:mod:`.guards`) keep it dense when something
+cannot be proved; refinements add typed :class:`Refinement` tags; :mod:`.lower` is the one
+path that turns it back into graph nodes.
+"""
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,13 +43,86 @@ def shape_of(node: Any) -> tuple | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
+@dataclass(frozen=True)
+class Factor:
+    """One factor of the score scale: a number, a node holding a Python number (``x.item()``),
+    or a node holding a 0-d tensor computed at run time (``tensor=True``; folded into q, since
+    SDPA's ``scale`` must be a number). ``reciprocal``: the scores are divided by it."""
+
+    value: Any
+    reciprocal: bool = False
+    tensor: bool = False
+
+
+class KeepDense(Exception):
+    """A site that cannot be proved equivalent to sparse attention (the message says why)."""
+
+
+class TermKind(enum.Enum):
+    ADD = "add"  # scores + node (a float bias)
+    KEEP = "keep"  # scores where node is True, else ``fill``
+    DROP = "drop"  # scores where node is False, else ``fill``
+
+
+@dataclass(frozen=True)
+class MaskTerm:
+    """One mask applied to the scores, in final-score units.
+
+    ``factors``: for ADD, the scale factors applied after the term (so ``bias * prod(factors)``
+    lands in the softmax input). ``fill``: for KEEP/DROP, ``-inf`` (removed keys), or a very
+    negative finite fill that the lowering reproduces exactly (see :mod:`.lower`).
+    """
+
+    kind: TermKind
+    node: fx.Node
+    factors: tuple[Factor, ...] = ()
+    fill: float = float("-inf")
+
+
+class EmptyRows(enum.Enum):
+    """What the original computes for a query whose every key is masked out."""
+
+    ZERO = "zero"  # SDPA, aten._safe_softmax: zeros (what the sparse ops give)
+    NAN = "nan"  # softmax over a row of -inf: NaN
+    UNIFORM = "uniform"  # every score equals the same finite fill: the mean of v over the keys
+
+
+@dataclass
+class SiteMask:
+    """The typed mask of a site: the terms to combine into one SDPA ``attn_mask``."""
+
+    terms: list[MaskTerm] = field(default_factory=list)
+    empty_rows: EmptyRows = EmptyRows.ZERO
+
+    def describe(self) -> str:
+        kinds = sorted({"bool mask" if t.kind is not TermKind.ADD else "additive mask"
+                        for t in self.terms})
+        return " + ".join(kinds) or "none"
+
+
+class Layout(enum.Enum):
+    BHLD = "bhld"  # q, k, v are [B, H, L, D]
+    BATCHED = "batched"  # [B*H, L, D]: one head per batch entry
+    BATCH_VIEW = "batch_view"  # [B*H, L, D] whose scores are viewed as [B, H, Lq, Lk] for masks
+
+
+class Refinement(enum.Enum):
+    """What a refinement changed about a site (shown after the pattern name)."""
+
+    GQA_UNREPEATED = "gqa"  # attends to the kv heads before a repeat_kv / repeat_interleave
+    CAUSAL_MASK = "causal_mask"  # a mask tensor proved causal became ``is_causal=True``
+    MODEL_INDEXER = "model_indexer"  # sparse attention on the model's own top-k indices
+
+
 @dataclass
 class AttentionSite:
-    """One attention computation found in a graph.
+    """One attention computation found in a graph, in SDPA's terms.
 
-    ``node`` is the node whose value is the attention output ``[B, H, Lq, Dv]``; ``q``, ``k``,
-    ``v`` are ``[B, H, Lq, D]``, ``[B, Hkv, Lk, D]``, ``[B, Hkv, Lk, Dv]`` (kv before any GQA
-    repetition); ``scale`` is None for SDPA's default ``D ** -0.5``.
+    ``node`` is the node whose value is the attention output; ``q``, ``k``, ``v`` the operands
+    (kv before any GQA repetition when ``enable_gqa``); ``scale`` the factors of the score scale
+    (None: SDPA's default ``D ** -0.5``); ``owned`` the nodes only this site reads (erased after
+    the rewrite); ``span`` the first node whose value the site's operands stand for (no in-place
+    op may run between it and ``node``).
     """
 
     node: fx.Node
@@ -49,28 +130,38 @@ class AttentionSite:
     q: fx.Node | None = None
     k: fx.Node | None = None
     v: fx.Node | None = None
-    attn_mask: fx.Node | None = None
+    mask: SiteMask = field(default_factory=SiteMask)
+    scale: list[Factor] | None = None
     is_causal: bool = False
-    scale: Any = None
     enable_gqa: bool = False
+    layout: Layout = Layout.BHLD
+    view_shape: tuple[Any, Any] | None = None  # (B, H) of a BATCH_VIEW layout
+    scores: fx.Node | None = None  # the node computing q @ k^T (hand-written sites)
+    owned: list[fx.Node] = field(default_factory=list)
+    span: fx.Node | None = None
+    model_indices: fx.Node | None = None
+    tags: list[Refinement] = field(default_factory=list)
     rewritable: bool = True
     reason: str = ""
     index_init: str = ""
-    extra: dict = field(default_factory=dict)
+    granularity: str = ""
 
     @property
     def module_path(self) -> str:
         return module_path_of(self.node)
 
     @property
+    def full_pattern(self) -> str:
+        return "+".join([self.pattern, *(t.value for t in self.tags)])
+
+    @property
     def mask_kind(self) -> str:
-        if "mask_kind" in self.extra:
-            return self.extra["mask_kind"]
-        if self.attn_mask is None:
-            return "causal" if self.is_causal else "none"
-        value = example_value(self.attn_mask)
-        kind = "bool mask" if getattr(value, "dtype", None) == torch.bool else "additive mask"
-        return f"causal + {kind}" if self.is_causal else kind
+        base = self.mask.describe()
+        if Refinement.CAUSAL_MASK in self.tags:
+            return "causal (boolean mask proved causal)"
+        if self.is_causal:
+            return "causal" if base == "none" else f"causal + {base}"
+        return base
 
     def keep_dense(self, reason: str) -> AttentionSite:
         self.rewritable = False
@@ -81,7 +172,7 @@ class AttentionSite:
         """A JSON-able description (for ``explain`` and ``dsa inspect --json``)."""
         return {
             "module": self.module_path,
-            "pattern": self.pattern,
+            "pattern": self.full_pattern,
             "q": shape_of(self.q),
             "k": shape_of(self.k),
             "v": shape_of(self.v),
@@ -90,4 +181,5 @@ class AttentionSite:
             "rewritten": self.rewritable,
             "reason": self.reason,
             "indexer_init": self.index_init,
+            "granularity": self.granularity,
         }
