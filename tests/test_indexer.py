@@ -23,8 +23,19 @@ def row_scores(scores: torch.Tensor, query_block: int) -> torch.Tensor:
     return padded.view(batch, rows, query_block, lk).amax(dim=2)
 
 
+def assert_rows_descending(indices: torch.Tensor, scores: torch.Tensor, tol: float = 0.0) -> None:
+    """The documented order, as returned: each row lists keys by descending score (ties within
+    ``tol``), then only -1 padding."""
+    valid = indices >= 0
+    assert not (valid[..., 1:] & ~valid[..., :-1]).any(), "a key after -1 padding"
+    picked = torch.gather(scores, -1, indices.long().clamp(min=0))
+    rising = (picked[..., 1:] > picked[..., :-1] + tol) & valid[..., 1:]
+    assert not rising.any(), f"keys out of descending score order at {rising.nonzero()[:4].tolist()}"
+
+
 def assert_topk_matches(indices: torch.Tensor, scores: torch.Tensor, topk: int) -> None:
-    """Same score multiset as brute-force top-k, all picks visible, -1 exactly where needed."""
+    """Same score multiset as brute-force top-k, all picks visible, -1 exactly where needed,
+    rows in descending score order."""
     visible_count = torch.isfinite(scores).sum(-1)
     expected_valid = visible_count.clamp(max=topk)
     valid = indices >= 0
@@ -36,6 +47,7 @@ def assert_topk_matches(indices: torch.Tensor, scores: torch.Tensor, topk: int) 
     best = scores.topk(min(topk, scores.shape[-1]), dim=-1).values
     best = torch.nn.functional.pad(best, (0, topk - best.shape[-1]), value=NEG_INF)
     torch.testing.assert_close(picked.sort(-1, descending=True).values, best)
+    assert_rows_descending(indices, scores, 1e-5)
     for row in indices.flatten(0, -2):
         ids = row[row >= 0]
         assert ids.unique().numel() == ids.numel(), "duplicate index in a row"
@@ -79,13 +91,34 @@ def test_exact_topk_matches_brute_force(lq, lk, topk, causal, q_offset):
     assert_topk_matches(indices, scores, topk)
 
 
+@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("query_block", [2, 5, 16])
-def test_tile_shared_topk_matches_brute_force(query_block):
+def test_tile_shared_topk_matches_brute_force(query_block, causal):
+    """A tile scores a key by its best query: without causality every query of the tile sees
+    every key, so only the max (not the first or the last query) gives these rows."""
     q_idx, k_idx, w = make_indexer_inputs(2, 37, 37)
-    indices = indexer_topk(q_idx, k_idx, w, 10, True, 0, None, query_block)
+    indices = indexer_topk(q_idx, k_idx, w, 10, causal, 0, None, query_block)
     assert indices.shape == (2, -(-37 // query_block), 10)
-    scores = indexer_scores_reference(q_idx, k_idx, w, True, 0, None)
+    scores = indexer_scores_reference(q_idx, k_idx, w, causal, 0, None)
     assert_topk_matches(indices, row_scores(scores, query_block), 10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("query_block", "key_block", "candidates"),
+                         [(1, 0, 0), (4, 0, 0), (1, 4, 5), (4, 4, 5)],
+                         ids=["exact", "tile", "two-stage", "two-stage tile"])
+def test_topk_rows_are_sorted_by_descending_score(query_block, key_block, candidates, causal):
+    """The order as returned (the other checks sort first): best key first, -1 padding last
+    (causal rows near the start see fewer than topk keys)."""
+    q_idx, k_idx, w = make_indexer_inputs(2, 24, 48)
+    indices = indexer_topk(q_idx, k_idx, w, 10, causal, 0, None, query_block, key_block, candidates)
+    scores = row_scores(indexer_scores_reference(q_idx, k_idx, w, causal), query_block)
+    assert_rows_descending(indices, scores)
+    assert (indices[..., 0] >= 0).all()
+    if causal:
+        assert (indices == -1).any()
+    if not key_block:
+        assert_topk_matches(indices, scores, 10)
 
 
 def test_all_keys_masked_gives_all_padding():
@@ -110,6 +143,36 @@ def test_two_stage_with_every_block_a_candidate_is_exact(query_block):
     got = indexer_topk(q_idx, k_idx, w, 9, True, 0, None, query_block, 4, blocks)
     scores = row_scores(indexer_scores_reference(q_idx, k_idx, w, True), query_block)
     assert_topk_matches(got, scores, 9)
+
+
+def tight_bound_inputs(lq: int, lk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indexer inputs on which the block bound is exact: one head, one varying channel plus a
+    constant one (``q . k = q0 k0 + 10 > 0``, so ReLU never clips and scores never tie), and
+    head weights of both signs (for ``w < 0`` the best key has the smallest ``q . k``)."""
+    q_idx, k_idx, w = make_indexer_inputs(1, lq, lk, heads=1, dim=2)
+    q_idx = q_idx.clamp(-3, 3)
+    k_idx = k_idx.clamp(-3, 3)
+    q_idx[..., 1] = 10.0
+    k_idx[..., 1] = 1.0
+    assert (w > 0).any() and (w < 0).any()
+    return q_idx, k_idx, w
+
+
+@pytest.mark.parametrize("query_block", [1, 4])
+def test_two_stage_with_an_exact_bound_equals_exact_topk(query_block):
+    """When the bound is the block's true best score, keeping ``candidate_blocks >= topk``
+    blocks loses nothing: a key of the exact top-k outside them would be beaten by the best
+    keys of ``topk`` kept blocks. A bound that misranks blocks (not an upper bound, the wrong
+    corner of the box for some sign of q or w, a wrong tile max) fails here."""
+    q_idx, k_idx, w = tight_bound_inputs(40, 96)
+    k_max, k_min = block_bounds(k_idx, 8)
+    bound = block_score_bound(q_idx[0], w[0], k_max[0], k_min[0])
+    exact = indexer_scores_reference(q_idx, k_idx, w)[0].view(40, 12, 8).amax(-1)
+    torch.testing.assert_close(bound, exact, atol=1e-4, rtol=1e-5)
+    got = indexer_topk(q_idx, k_idx, w, 4, False, 0, None, query_block, 8, 4)
+    scores = row_scores(indexer_scores_reference(q_idx, k_idx, w), query_block)
+    assert_topk_matches(got, scores, 4)
+    assert torch.equal(got, indexer_topk(q_idx, k_idx, w, 4, False, 0, None, query_block))
 
 
 @pytest.mark.parametrize("query_block", [1, 8])

@@ -2,7 +2,8 @@
 directly: ``wrap_triton`` refuses interpreted kernels), and compiled ahead of time for Hopper.
 
 Shapes are small (the interpreter is slow) but off the block sizes, with -1 padding, empty rows,
-causal offsets, GQA ratios 1/4/8/128, tiles, biases and split-key decode.
+causal offsets, GQA ratios 1/4/8/128, tiles, biases, rows of several key blocks and split-key
+decode that really splits (``scripts/mutation_check.py`` checks that these tests catch bugs).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs a GPU or TRITON_INTERPRET=1 (set by conftest.py)", allow_module_level=True)
+
+from test_indexer import assert_rows_descending, row_scores  # noqa: E402
 
 from dsa_compile.kernels import DSAInputError, cuda_ops  # noqa: E402
 from dsa_compile.kernels import indexer as ref_indexer  # noqa: E402
@@ -30,6 +33,7 @@ from conftest import make_attention_inputs, make_indexer_inputs, random_indices 
 # In the interpreter (CPU) the kernels compute in exact fp32; on a GPU fp32 dots run as tf32.
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 ATOL = 2e-5 if DEVICE == "cpu" else 2e-2
+GRAD_TOL = 1e-4 if DEVICE == "cpu" else 2e-2
 
 
 def _on_device(*tensors):
@@ -43,9 +47,15 @@ SPARSE_CASES = {
     "gqa128 mqa (MLA-like)": (1, 128, 1, 2, 30, 32, 16, 12, True, 28, 1, None, None),
     "d80 tile3 head-bias": (1, 4, 2, 6, 40, 80, 24, 10, False, 0, 3, (1, 4, 1, 40), None),
     "tiny head dim": (1, 4, 2, 6, 40, 8, 8, 10, True, 34, 1, None, None),
-    "decode splits": (2, 4, 2, 1, 90, 16, 16, 40, True, 89, 1, None, 4),
-    "decode splits bias": (1, 4, 2, 5, 70, 16, 16, 40, True, 65, 1, (1, 4, 1, 70), 3),
+    # Rows of 150+ slots span several 64-key blocks: the online-softmax rescale and (with
+    # splits) the split-key decode and its log-sum-exp merge only run on such rows.
+    "long rows": (1, 4, 2, 3, 230, 16, 16, 200, True, 227, 1, None, None),
+    "long rows tile2 bias": (1, 2, 1, 4, 180, 16, 8, 160, False, 0, 2, (1, 2, 4, 180), None),
+    "decode splits": (2, 4, 2, 1, 230, 16, 16, 200, True, 229, 1, None, 4),
+    "decode splits bias": (1, 4, 2, 5, 200, 16, 16, 160, True, 195, 1, (1, 4, 1, 200), 3),
 }
+# How many partials the split cases above really merge (each split covers whole 64-key blocks).
+SPLITS_USED = {"decode splits": 4, "decode splits bias": 3}
 
 
 def _inputs(case, seed=0):
@@ -57,16 +67,32 @@ def _inputs(case, seed=0):
     return q, k, v, idx, bias, d ** -0.5, causal, off, qb, splits
 
 
+def _record_merges(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Wraps :func:`tsa.merge_splits`; the returned list gets the split count of each merge."""
+    merges: list[int] = []
+    real = tsa.merge_splits
+
+    def spy(out, lse, dtype, launch=None):
+        merges.append(out.shape[3])
+        return real(out, lse, dtype, launch)
+
+    monkeypatch.setattr(tsa, "merge_splits", spy)
+    return merges
+
+
 @pytest.mark.parametrize("name", list(SPARSE_CASES))
-def test_sparse_attention_forward_matches_reference(name):
+def test_sparse_attention_forward_matches_reference(name, monkeypatch):
     q, k, v, idx, bias, scale, causal, off, qb, splits = _inputs(SPARSE_CASES[name])
+    merges = _record_merges(monkeypatch)
     out, lse = tsa.sparse_attention_fwd(q, k, v, idx, scale, bias, causal, off, qb, splits=splits)
+    assert merges == ([SPLITS_USED[name]] if name in SPLITS_USED else [])
     ref_out, ref_lse = sparse_attention_reference(q, k, v, idx, scale, bias, causal, off, qb)
     torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["mha causal", "gqa4 bias", "gqa8 tile4", "d80 tile3 head-bias"])
+@pytest.mark.parametrize("name", ["mha causal", "gqa4 bias", "gqa8 tile4", "d80 tile3 head-bias",
+                                  "long rows", "long rows tile2 bias"])
 def test_sparse_attention_backward_matches_reference_autograd(name):
     q, k, v, idx, bias, scale, causal, off, qb, _ = _inputs(SPARSE_CASES[name], seed=1)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -81,7 +107,7 @@ def test_sparse_attention_backward_matches_reference_autograd(name):
         if want is None:
             assert got is None
         else:
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got, want, atol=GRAD_TOL, rtol=GRAD_TOL)
 
 
 def test_empty_rows_give_zeros_and_minus_inf():
@@ -97,12 +123,36 @@ def test_empty_rows_give_zeros_and_minus_inf():
     torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=1e-4)
 
 
-def test_merged_splits_equal_one_pass():
+@pytest.mark.parametrize(("requested", "used"), [(2, 2), (5, 3)])  # 160 slots: 3 blocks of 64
+def test_split_key_decode_equals_reference(requested, used, monkeypatch):
+    """Split rows with a partly filled last split, a row whose later splits are empty and a row
+    without keys, merged by log-sum-exp, against the reference."""
     q, k, v, idx, bias, scale, causal, off, qb, _ = _inputs(SPARSE_CASES["decode splits bias"])
-    one = tsa.sparse_attention_fwd(q, k, v, idx, scale, bias, causal, off, qb, splits=1)
-    for splits in (2, 5):
-        many = tsa.sparse_attention_fwd(q, k, v, idx, scale, bias, causal, off, qb, splits=splits)
-        torch.testing.assert_close(many, one, atol=ATOL, rtol=1e-4)
+    idx[0, 1, 64:] = -1  # only the first split of row 1 has keys
+    idx[0, 2] = -1  # row 2 has none
+    merges = _record_merges(monkeypatch)
+    out, lse = tsa.sparse_attention_fwd(q, k, v, idx, scale, bias, causal, off, qb, splits=requested)
+    assert merges == [used]
+    ref_out, ref_lse = sparse_attention_reference(q, k, v, idx, scale, bias, causal, off, qb)
+    torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=1e-4)
+
+
+def test_merge_splits_combines_partials_by_lse():
+    """The merge kernel alone: partials of disjoint slices of the rows (one slice empty in row 1,
+    all of row 2 empty) combine into attention over the whole rows."""
+    q, k, v = _on_device(*make_attention_inputs(1, 2, 1, 3, 60, 16))
+    idx, = _on_device(random_indices(1, 3, 60, 36, pad_fraction=0.2))
+    idx[0, 1, 12:24] = -1
+    idx[0, 2] = -1
+    parts = [sparse_attention_reference(q, k, v, part, 0.25, None, False, 0, 1)
+             for part in idx.chunk(3, dim=-1)]
+    out = torch.stack([o for o, _ in parts], dim=3).float().contiguous()
+    lse = torch.stack([s for _, s in parts], dim=3).contiguous()
+    merged, total = tsa.merge_splits(out, lse, q.dtype)
+    ref_out, ref_lse = sparse_attention_reference(q, k, v, idx, 0.25, None, False, 0, 1)
+    torch.testing.assert_close(merged, ref_out, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(total, ref_lse, atol=ATOL, rtol=1e-4)
 
 
 def test_cuda_op_path_treats_index_rows_as_sets():
@@ -177,6 +227,20 @@ def test_topk_matches_reference(name, query_block):
         tiles = tiles.view(scores.shape[0], -1, query_block, scores.shape[2]).amax(2)
         pick = lambda idx: torch.gather(tiles, 2, idx.long().clamp_min(0)).masked_fill(idx < 0, 0)  # noqa: E731
         torch.testing.assert_close(pick(got).sum(-1), pick(want).sum(-1), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["causal", "full mask"])
+@pytest.mark.parametrize("query_block", [1, 4])
+def test_topk_rows_are_sorted_by_descending_score(name, query_block):
+    """The documented order as returned, not only the same set as the reference: best key
+    first, then -1 padding (the full mask leaves single queries fewer than topk visible keys)."""
+    q, k, w, causal, off, mask = _indexer_inputs(INDEXER_CASES[name])
+    got = tix.indexer_topk_cuda(q, k, w, 30, causal, off, mask, query_block)
+    scores = row_scores(indexer_scores_reference(q, k, w, causal, off, mask).cpu(), query_block)
+    assert_rows_descending(got.cpu(), scores, 1e-4 if DEVICE == "cpu" else 1e-2)
+    assert (got[..., 0] >= 0).all()
+    if name == "full mask" and query_block == 1:
+        assert (got == -1).any()
 
 
 def test_topk_in_bounded_chunks_equals_one_chunk():

@@ -1,0 +1,271 @@
+"""Mutation check: do the tests fail when the code is broken on purpose?
+
+Each entry of :data:`MUTATIONS` plants one bug (replaces one exact piece of text in one file) and
+names the tests that must catch it. For every entry the script runs those tests with the bug in
+place and reports KILLED (a test failed: good) or SURVIVED (every test passed: the suite cannot
+see that bug). It exits 1 if any mutation survived or could not be applied, 2 if the tests
+already fail without any mutation, 0 otherwise.
+
+The bugs are planted in a throw-away copy of the working tree (uncommitted edits included,
+``.git`` and ``.venv`` left out) whose packages are laid out as ``pyproject.toml``'s
+``package-dir`` installs them, and imported from there through ``PYTHONPATH``: the checkout
+itself is never written, so the check is safe while others edit and test it.
+
+    .venv/bin/python -P scripts/mutation_check.py            # all of them
+    .venv/bin/python -P scripts/mutation_check.py -k merge   # names containing "merge"
+    .venv/bin/python -P scripts/mutation_check.py --list
+    .venv/bin/python -P scripts/mutation_check.py --rev HEAD --with kernels --with tests
+
+To add one, append a :class:`Mutation` to the list below; ``tests/test_mutation_check.py``
+checks that every entry still applies to the current code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One planted bug.
+
+    - ``name``: short unique label, shown in the report and matched by ``-k``.
+    - ``file``: the file to break, relative to the repository root (``kernels/indexer.py``).
+    - ``old``: exact text in that file, whitespace included; it must occur exactly once.
+    - ``new``: what replaces it (the bug).
+    - ``tests``: pytest arguments that select the tests which must catch it (paths, node ids,
+      ``-k`` expressions), run from the repository root with ``-x -q``.
+    """
+
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+TRITON_TESTS = ("tests/test_triton_kernels.py", "-k", "not compile_for_hopper")
+INDEXER_TESTS = ("tests/test_indexer.py",)
+TSA = "kernels/triton_sparse_attention.py"
+
+MUTATIONS: list[Mutation] = [
+    # Triton sparse attention: online softmax over several key blocks, split-key decode, merge.
+    Mutation("triton fwd: no online-softmax rescale of acc", TSA,
+             "acc = acc * alpha[:, None] + tl.dot(", "acc = acc + tl.dot(", TRITON_TESTS),
+    Mutation("triton fwd: no online-softmax rescale of l", TSA,
+             "l_i = l_i * alpha + tl.sum(p, axis=1)", "l_i = l_i + tl.sum(p, axis=1)", TRITON_TESTS),
+    Mutation("triton fwd: every split reads the first slice", TSA,
+             "k_begin = split * split_len", "k_begin = split * 0", TRITON_TESTS),
+    Mutation("triton merge: second split's lse weight ignored", TSA,
+             "w = tl.exp(lse_s - top_safe)", "w = tl.where(s == 1, 1.0, tl.exp(lse_s - top_safe))",
+             TRITON_TESTS),
+    Mutation("triton merge: lse = max of the partial lse", TSA,
+             "top_safe + tl.log(tl.where(total > 0, total, 1.0))", "top_safe", TRITON_TESTS),
+    Mutation("triton bwd: every key block re-reads the first", TSA,
+             "slots = k0 + tl.arange(0, BK)", "slots = tl.arange(0, BK)", TRITON_TESTS),
+    # Triton indexer: tile max and top-k order.
+    Mutation("triton indexer: tile score = min over the tile", "kernels/triton_indexer.py",
+             "best = tl.maximum(best, tl.max(scores, axis=0))",
+             "best = tl.maximum(best, tl.min(scores, axis=0))", TRITON_TESTS),
+    Mutation("triton top-k: ascending order", "kernels/triton_indexer.py",
+             "values, picked = scores.topk(found, dim=-1)",
+             "values, picked = (t.flip(-1) for t in scores.topk(found, dim=-1))", TRITON_TESTS),
+    # CPU indexer (dsa::indexer_topk): top-k order, tile max, Quest bound, block selection.
+    Mutation("cpu top-k: ascending order", "kernels/indexer.py",
+             "values, picked = scores.topk(found, dim=-1)",
+             "values, picked = (t.flip(-1) for t in scores.topk(found, dim=-1))", INDEXER_TESTS),
+    Mutation("cpu top-k: key-position order", "kernels/indexer.py",
+             "values, picked = scores.topk(found, dim=-1)",
+             "picked = scores.topk(found, dim=-1).indices.sort(-1).values\n"
+             "            values = scores.gather(-1, picked)", INDEXER_TESTS),
+    Mutation("cpu tile score = min over the tile", "kernels/chunking.py",
+             "view(rows, query_block, width).amax(dim=1)", "view(rows, query_block, width).amin(dim=1)",
+             INDEXER_TESTS),
+    Mutation("cpu tile score = the tile's first query", "kernels/chunking.py",
+             "view(rows, query_block, width).amax(dim=1)", "view(rows, query_block, width)[:, 0]",
+             INDEXER_TESTS),
+    Mutation("quest bound: ignores the sign of w", "kernels/indexer.py",
+             "torch.where(wj >= 0, wj * both[:, :, 0], wj * both[:, :, 1])", "(wj * both[:, :, 0])",
+             INDEXER_TESTS),
+    Mutation("quest bound: k_max for negative q channels", "kernels/indexer.py",
+             "torch.cat([k_min, k_max], dim=1)])", "torch.cat([k_max, k_max], dim=1)])",
+             INDEXER_TESTS),
+    Mutation("quest bound: block min taken as max", "kernels/indexer.py",
+             "lo = lo.view(batch, blocks, key_block, dim).amin(dim=2)",
+             "lo = lo.view(batch, blocks, key_block, dim).amax(dim=2)", INDEXER_TESTS),
+    Mutation("two-stage: keeps the lowest-bound blocks", "kernels/indexer.py",
+             "bound.topk(min(count, blocks), dim=-1)",
+             "bound.topk(min(count, blocks), dim=-1, largest=False)", INDEXER_TESTS),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIP = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", ".pytest_cache",
+                              ".ruff_cache", "build", "dist")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One pytest run: its exit status, wall time and the first failing test (if any)."""
+
+    status: int | None  # None: timed out
+    seconds: float
+    failure: str
+
+    @property
+    def verdict(self) -> str:
+        """KILLED, SURVIVED, TIMEOUT (killed by a hang) or INVALID (pytest itself failed)."""
+        return {0: "SURVIVED", 1: "KILLED", None: "TIMEOUT"}.get(self.status, "INVALID")
+
+
+def stage(root: Path, dest: Path, rev: str | None = None,
+          overlay: tuple[str, ...] = ()) -> tuple[Path, list[str]]:
+    """Copies the working tree of ``root`` (or its commit ``rev``, with the working-tree
+    versions of the ``overlay`` paths on top) to ``dest/repo``, and lays its packages out in
+    ``dest/site`` as ``pyproject.toml``'s ``package-dir`` maps them (links into the copy).
+    Returns the directory to put on ``PYTHONPATH`` and the packages laid out."""
+    repo, site = dest / "repo", dest / "site"
+    if rev is None:
+        shutil.copytree(root, repo, ignore=SKIP, symlinks=True)
+    else:
+        repo.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(root), "archive", rev], capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(repo)], input=archive, check=True)
+        for path in overlay:
+            (repo / path).parent.mkdir(parents=True, exist_ok=True)
+            if (root / path).is_dir():
+                shutil.copytree(root / path, repo / path, ignore=SKIP, dirs_exist_ok=True)
+            else:
+                shutil.copy2(root / path, repo / path)
+    config = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = sorted(config.get("package-dir", {}), key=lambda p: p.count("."))
+    for package in packages:
+        source = repo / config["package-dir"][package]
+        target = site.joinpath(*package.split("."))
+        target.mkdir(parents=True, exist_ok=True)
+        for entry in source.iterdir():
+            link = target / entry.name
+            if not link.exists():
+                link.symlink_to(entry)
+    return site, packages
+
+
+def apply(path: Path, old: str, new: str) -> str:
+    """Replaces the one occurrence of ``old`` in ``path``; returns the original text."""
+    text = path.read_text()
+    count = text.count(old)
+    if count != 1:
+        raise ValueError(f"{path.name}: the old text occurs {count} times (must be exactly once)")
+    path.write_text(text.replace(old, new))
+    return text
+
+
+def run_tests(python: str, repo: Path, site: Path, tests: tuple[str, ...],
+              timeout: float) -> Outcome:
+    """Runs ``python -P -m pytest -x -q <tests>`` in ``repo`` with ``site`` imported first."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(site),
+                                                                    os.environ.get("PYTHONPATH")])),
+               PYTHONDONTWRITEBYTECODE="1")  # no stale bytecode of a same-size edit
+    command = [python, "-P", "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    start = time.monotonic()
+    try:
+        done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return Outcome(None, time.monotonic() - start, "")
+    failed = re.search(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", done.stdout, re.MULTILINE)
+    why = re.search(r"^E +(.+)$", done.stdout, re.MULTILINE)
+    failure = failed.group(1).removeprefix("tests/") if failed else ""
+    if why:
+        failure += f" ({why.group(1).strip()[:70]})"
+    if done.returncode not in (0, 1):  # collection error, no tests, internal error
+        failure = ((done.stdout + done.stderr).strip().splitlines() or [""])[-1]
+    return Outcome(done.returncode, time.monotonic() - start, failure)
+
+
+def check_imports(python: str, repo: Path, site: Path, packages: list[str]) -> None:
+    """Fails unless the copy's packages (not the checkout's editable install) get imported."""
+    probe = "import importlib, sys; print('\\n'.join(importlib.import_module(p).__file__ " \
+            "for p in sys.argv[1:]))"
+    env = dict(os.environ, PYTHONPATH=str(site), PYTHONDONTWRITEBYTECODE="1")
+    done = subprocess.run([python, "-P", "-c", probe, *packages], cwd=repo, env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the copy does not import: {done.stderr.strip().splitlines()[-1:]}")
+    for line in done.stdout.split():
+        if not Path(line).is_relative_to(site):
+            raise RuntimeError(f"the copy is not the one imported: {line}")
+
+
+def report(rows: list[tuple[str, str, float, str]]) -> str:
+    """A plain-text table: verdict, seconds, mutation name, first failing test (and why)."""
+    width = max((len(name) for _, name, _, _ in rows), default=8)
+    lines = [f"{'result':<8}  {'secs':>5}  {'mutation':<{width}}  first failing test (first error line)"]
+    lines += [f"{verdict:<8}  {secs:5.1f}  {name:<{width}}  {detail}"
+              for verdict, name, secs, detail in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-k", dest="only", default="", help="run the mutations whose name contains this")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per pytest run")
+    parser.add_argument("--python", default=sys.executable, help="interpreter that runs pytest")
+    parser.add_argument("--root", type=Path, default=ROOT, help="repository to copy")
+    parser.add_argument("--rev", help="copy this commit instead of the working tree (while the "
+                        "working tree is mid-edit)")
+    parser.add_argument("--with", dest="overlay", action="append", default=[], metavar="PATH",
+                        help="with --rev: take this file or folder from the working tree")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if args.only.lower() in m.name.lower()]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}  [{m.file}]  pytest {' '.join(m.tests)}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="mutation-check-") as tmp:
+        site, packages = stage(args.root, Path(tmp), args.rev, tuple(args.overlay))
+        repo = Path(tmp) / "repo"
+        try:
+            check_imports(args.python, repo, site, packages)
+        except RuntimeError as error:
+            print(error, file=sys.stderr)
+            return 2
+        for tests in dict.fromkeys(m.tests for m in chosen):  # unmutated, once per selection
+            base = run_tests(args.python, repo, site, tests, args.timeout)
+            if base.status != 0:
+                print(f"the tests fail without any mutation (pytest {' '.join(tests)}): "
+                      f"{base.failure}", file=sys.stderr)
+                return 2
+        rows = []
+        for m in chosen:
+            path = repo / m.file
+            try:
+                original = apply(path, m.old, m.new)
+            except (OSError, ValueError) as error:
+                rows.append(("STALE", m.name, 0.0, str(error)))
+                continue
+            try:
+                outcome = run_tests(args.python, repo, site, m.tests, args.timeout)
+            finally:
+                path.write_text(original)
+            rows.append((outcome.verdict, m.name, outcome.seconds, outcome.failure))
+            print(f"{outcome.verdict:<8} {m.name}", file=sys.stderr, flush=True)
+    print(report(rows))
+    bad = [r for r in rows if r[0] not in ("KILLED", "TIMEOUT")]
+    print(f"\n{len(rows) - len(bad)} of {len(rows)} mutations killed")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
