@@ -8,17 +8,14 @@ from typing import Any
 import torch
 
 from .backend import make_backend
-from .config import DSAConfig
+from .config import DSAConfig, resolve_config
+from .dynamo_compat import compile_isolated
 from .passes.rewrite import RewriteResult
 
 
 def compile(model: torch.nn.Module, config: DSAConfig | None = None, **options: Any):
-    """``torch.compile(model, backend="dsa")`` with a :class:`DSAConfig` (or its fields)."""
-    if config is None:
-        config = DSAConfig.from_options(options)
-    elif options:
-        config = config.replace(**options)
-    return torch.compile(model, backend=make_backend(config))
+    """``torch.compile(model, backend="dsa")`` with a :class:`DSAConfig` and/or its fields."""
+    return torch.compile(model, backend=make_backend(resolve_config(config, options)))
 
 
 @dataclass
@@ -39,7 +36,8 @@ class ExplainReport:
         head = ("module", "pattern", "q", "k", "mask", "rewritten", "reason / indexer")
         rows = [head]
         for s in self.sites:
-            detail = s["reason"] if not s["rewritten"] else s["indexer_init"]
+            detail = s["reason"] if not s["rewritten"] else \
+                f"{s['indexer_init']}; selects {s['granularity']}"
             rows.append((s["module"], s["pattern"], _shape(s["q"]), _shape(s["k"]), s["mask"],
                          "yes" if s["rewritten"] else "no (dense)", detail))
         widths = [max(len(str(r[i])) for r in rows) for i in range(len(head) - 1)]
@@ -63,30 +61,25 @@ def _shape(shape) -> str:
 
 def explain(model: torch.nn.Module, *example_inputs: Any, config: DSAConfig | None = None,
             **options: Any) -> ExplainReport:
-    """Runs ``model(*example_inputs)`` once under the dsa pass (eager) and reports its sites."""
-    config = (config or DSAConfig.from_options(options)).replace(mode="eager")
+    """Runs ``model(*example_inputs)`` once under the dsa pass (eager) and reports its sites.
+
+    The model is compiled through a fresh entry function with static shapes: the caller's
+    compiled models keep their compiled code, and the report describes exactly these inputs.
+    """
+    config = resolve_config(config, options).replace(mode="eager")
     report = ExplainReport()
+    graphs = 0
 
     def record(result: RewriteResult) -> None:
+        nonlocal graphs
+        graphs += 1
         report.sites.extend(site.summary() for site in result.sites)
 
-    graphs = []
-
-    def record_graph(result: RewriteResult) -> None:
-        graphs.append(result)
-        record(result)
-
-    for attempt in range(2):
-        compiled = torch.compile(model, backend=make_backend(config, record_graph))
-        with torch.no_grad():
-            compiled(*example_inputs)
-        if graphs:
-            break
-        # Dynamo ran the model without compiling it: its code objects hit the recompile
-        # limit (models that share forward code, e.g. HF families). Start afresh once.
-        if attempt == 0:
-            torch.compiler.reset()
+    compiled = compile_isolated(model, backend=make_backend(config, record), dynamic=False)
+    with torch.no_grad():
+        compiled(*example_inputs)
     if not graphs:
-        raise RuntimeError("torch.compile did not capture any graph of the model, so no "
-                           "attention site could be inspected")
+        raise RuntimeError("torch.compile did not capture any graph of the model, so no attention "
+                           "site could be inspected (the Dynamo log says why: a recompile limit, "
+                           "or code that Dynamo skips)")
     return report

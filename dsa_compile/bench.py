@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,9 @@ import torch
 
 from .backend import make_backend
 from .config import DSAConfig
+from .dynamo_compat import compile_isolated
+
+log = logging.getLogger("dsa_compile")
 
 MODEL_SHAPE = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
                    num_key_value_heads=4, intermediate_size=2816)
@@ -40,8 +45,7 @@ def best_time(fn, repeats: int) -> float:
 
 def _time_backend(model, backend, lengths: list[int], repeats: int) -> list[tuple[float, float]]:
     """(best seconds, warm-up seconds) per length for one backend (compiled once, dynamic)."""
-    torch.compiler.reset()
-    compiled = torch.compile(model, backend=backend, dynamic=True)
+    compiled = compile_isolated(model, backend=backend, dynamic=True)
     times = []
     with torch.no_grad():
         for length in lengths:
@@ -54,14 +58,21 @@ def _time_backend(model, backend, lengths: list[int], repeats: int) -> list[tupl
 
 
 def run_bench(lengths: list[int], layers: int = 8, repeats: int = 2,
-              config: DSAConfig | None = None, progress=print) -> dict[str, Any]:
-    """Times prefill at each length with both backends, one backend after the other."""
+              config: DSAConfig | None = None,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Times prefill at each length with both backends, one backend after the other.
+
+    ``progress`` gets a line per step (default: the ``dsa_compile`` logger at INFO).
+    """
+    if not lengths or min(lengths) < 1 or layers < 1 or repeats < 1:
+        raise ValueError(f"lengths, layers and repeats must be >= 1, got lengths={lengths}, "
+                         f"layers={layers}, repeats={repeats}")
     config = config or DSAConfig()
+    progress = progress or (lambda line: log.info("%s", line))
     model = llama_model(layers)
     dense = _time_backend(model, "inductor", lengths, repeats)
     progress("dense: " + ", ".join(f"{n}: {t:.2f} s" for n, (t, _) in zip(lengths, dense, strict=True)))
     sparse = _time_backend(model, make_backend(config), lengths, repeats)
-    torch.compiler.reset()
     rows = []
     for length, (t_dense, _), (t_sparse, _) in zip(lengths, dense, sparse, strict=True):
         rows.append({"tokens": length, "inductor_s": t_dense, "dsa_s": t_sparse,
@@ -91,19 +102,19 @@ def render_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def save(result: dict[str, Any], out: Path) -> None:
-    import matplotlib
+def save(result: dict[str, Any], out: Path) -> list[Path]:
+    """Writes ``OUT.json``, ``OUT.md`` and ``OUT.png`` (``out`` is a path prefix); returns them."""
+    from matplotlib.figure import Figure  # no pyplot: the caller's matplotlib backend stays
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    paths = [out.with_name(f"{out.name}.{suffix}") for suffix in ("json", "md", "png")]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    paths[0].write_text(json.dumps(result, indent=2))
     meta = (f"{result['date']}, torch {result['torch']}, {result['threads']} CPU threads, "
             f"model {result['model']}, dsa config {result['config']}")
-    out.with_suffix(".md").write_text(f"{meta}\n\n{render_table(result)}\n")
+    paths[1].write_text(f"{meta}\n\n{render_table(result)}\n")
     tokens = [r["tokens"] for r in result["rows"]]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     ax.plot(tokens, [r["speedup"] for r in result["rows"]], "o-", label="dsa / inductor (dense)")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
@@ -113,4 +124,5 @@ def save(result: dict[str, Any], out: Path) -> None:
     ax.set_title(f"Llama-shaped prefill on CPU ({result['model']['num_hidden_layers']} layers)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
+    fig.savefig(paths[2], dpi=120)
+    return paths

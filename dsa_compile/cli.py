@@ -1,52 +1,95 @@
-"""The ``dsa`` command line."""
+"""The ``dsa`` command line.
+
+A mistake in the input (an unknown flag, a bad value, a model that cannot be loaded safely) is
+reported in one line, ``dsa: error: ...``, with exit status 2; ``dsa`` alone prints the help to
+stderr and exits with status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+from typing import Any, NoReturn
 
 from ._version import __version__
+from .config import DSAConfig, DSAConfigError
+
+
+class CLIError(Exception):
+    """A mistake in the command line's input: one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a usage error in one line (``dsa: error: ...``) and exits with status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"dsa: error: {message} (see '{self.prog} --help')\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type=``: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dsa",
         description=(
             "dsa-compile: compile dense attention in PyTorch models into DeepSeek-style sparse "
             "attention (lightning indexer + top-k sparse attention)."
         ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"dsa-compile {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    ops = sub.add_parser("ops", help="list the registered dsa ops and their schemas")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        # every flag's help ends with its default
+        return sub.add_parser(name, help=summary, description=summary,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    ops = command("ops", "list the registered dsa ops and their schemas")
     ops.set_defaults(handler=_list_ops)
 
-    demo = sub.add_parser("demo", help="the main job on the embedded MiniLM: sites, exactness, "
-                                       "selection recall, embedding similarity, speed")
-    demo.add_argument("--topk", type=int, default=64)
-    demo.add_argument("--length", type=int, default=512)
+    demo = command("demo", "the main job on the embedded MiniLM: sites, exactness, selection "
+                           "recall, embedding similarity, speed")
+    demo.add_argument("--topk", type=positive_int, default=64, help="keys each query attends to")
+    demo.add_argument("--length", type=positive_int, default=512,
+                      help="tokens of real text (at most 512, MiniLM's maximum)")
     demo.add_argument("--no-speed", action="store_true", help="skip the Inductor timing")
     demo.add_argument("--json", action="store_true", help="print JSON instead of a report")
     demo.set_defaults(handler=_demo)
 
-    bench = sub.add_parser("bench", help="end-to-end prefill of a Llama-shaped model: "
-                                         "backend='dsa' against backend='inductor' (dense)")
-    bench.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
-    bench.add_argument("--layers", type=int, default=8)
-    bench.add_argument("--repeats", type=int, default=2)
-    bench.add_argument("--topk", type=int, default=2048)
-    bench.add_argument("--out", default="benchmarks/results/llama_prefill",
-                       help="writes OUT.md, OUT.json and OUT.png")
+    bench = command("bench", "end-to-end prefill of a Llama-shaped model: backend='dsa' against "
+                             "backend='inductor' (dense)")
+    bench.add_argument("--lengths", type=positive_int, nargs="+", default=[4096, 8192, 16384],
+                       help="prefill lengths in tokens")
+    bench.add_argument("--layers", type=positive_int, default=8, help="decoder layers")
+    bench.add_argument("--repeats", type=positive_int, default=2,
+                       help="timed runs per length (the best counts)")
+    bench.add_argument("--topk", type=positive_int, default=2048, help="keys each query attends to")
+    bench.add_argument("--out", metavar="PREFIX",
+                       help="write PREFIX.md, PREFIX.json and PREFIX.png (e.g. "
+                            "results/llama_prefill); without it nothing is written")
     bench.set_defaults(handler=_bench)
 
-    inspect = sub.add_parser("inspect", help="list the attention sites of a model and whether "
-                                             "each would be rewritten (and why not)")
+    inspect = command("inspect", "list the attention sites of a model and whether each would be "
+                                 "rewritten (and why not)")
     inspect.add_argument("model", help="'minilm' (the embedded default) or a local HF model "
-                                       "directory (safetensors weights)")
-    inspect.add_argument("--length", type=int, default=128, help="tokens of the probe input")
+                                       "directory (safetensors weights; no custom model code)")
+    inspect.add_argument("--length", type=positive_int, default=128, help="tokens of the probe input")
     inspect.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa",
                          help="HF attention implementation to load")
-    inspect.add_argument("--topk", type=int, default=2048)
+    inspect.add_argument("--topk", type=positive_int, default=2048,
+                         help="keys each query attends to; sequences of at most topk keys run dense")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.set_defaults(handler=_inspect)
     return parser
@@ -76,10 +119,11 @@ def _cuda_kernels() -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import json
+    from .demo import MAX_LENGTH, format_report, run_demo
 
-    from .demo import format_report, run_demo
-
+    if args.length > MAX_LENGTH:
+        raise CLIError(f"argument --length: the demo runs at most {MAX_LENGTH} tokens (MiniLM's "
+                       f"maximum), got {args.length}")
     result = run_demo(topk=args.topk, length=args.length, speed=not args.no_speed)
     if args.json:
         result.pop("sites_table")
@@ -90,46 +134,87 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .bench import render_table, run_bench, save
-    from .config import DSAConfig
 
-    result = run_bench(args.lengths, args.layers, args.repeats, DSAConfig(topk=args.topk))
+    config = DSAConfig(topk=args.topk)
+    result = run_bench(args.lengths, args.layers, args.repeats, config, progress=print)
     print(render_table(result))
-    save(result, Path(args.out))
+    if args.out is not None:
+        written = save(result, Path(args.out))
+        print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 
-def _load_model(name: str, attn: str):
-    from pathlib import Path
+def _remote_code_reason(config: dict[str, Any]) -> str | None:
+    """Why loading a checkpoint with this ``config.json`` would need ``trust_remote_code``."""
+    from transformers import CONFIG_MAPPING
+    from transformers import __version__ as transformers_version
 
+    if "auto_map" in config:
+        return "its config.json has an 'auto_map': the model's code ships with the checkpoint"
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        return f"its model_type {model_type!r} is unknown to transformers {transformers_version}"
+    return None
+
+
+def _read_config(name: str) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint directory of ``name`` and its ``config.json``, checked before loading."""
     if name == "minilm":
-        from .demo import load_minilm
+        from .demo import minilm_path
 
-        return load_minilm(attn)[0]
-    path = Path(name)
-    if not (path / "config.json").is_file():
-        raise SystemExit(f"dsa inspect: {name!r} is neither 'minilm' nor a directory with a "
-                         "config.json (models are loaded from local files only)")
+        path = minilm_path()
+    else:
+        path = Path(name)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CLIError(f"{name!r} is neither 'minilm' nor a directory with a config.json (models "
+                       "are loaded from local files only)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise CLIError(f"cannot read {config_file}: {err}") from err
+    if not isinstance(config, dict):
+        raise CLIError(f"{config_file} is not a JSON object")
+    reason = _remote_code_reason(config)
+    if reason is not None:
+        raise CLIError(f"{name} needs trust_remote_code ({reason}); dsa inspect never runs code "
+                       "from a checkpoint")
+    return path, config
+
+
+def _load_model(path: Path, attn: str):
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True,
-                                     attn_implementation=attn).eval()
+    try:
+        model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                          trust_remote_code=False, attn_implementation=attn)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"cannot load {path}: {err}") from err
+    return model.eval()
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    import json
-
     import torch
 
     from .api import explain
 
-    model = _load_model(args.model, args.attn)
+    config = DSAConfig(topk=args.topk)
+    path, model_config = _read_config(args.model)
+    most = model_config.get("max_position_embeddings")
+    if isinstance(most, int) and args.length > most:
+        raise CLIError(f"argument --length: the model takes at most {most} positions "
+                       f"(max_position_embeddings), got {args.length}")
+    model = _load_model(path, args.attn)
     vocab = getattr(model.config, "vocab_size", 1000)
     ids = torch.randint(0, vocab, (1, args.length), generator=torch.Generator().manual_seed(0))
-    report = explain(model, ids, topk=args.topk)
+    report = explain(model, ids, config=config)
     print(json.dumps(report.sites, indent=2) if args.json else report.table())
+    if args.length <= config.dense_up_to:
+        note = (f"note: at --length {args.length} every site runs dense SDPA: sequences of at "
+                f"most min_seq_len = {config.dense_up_to} keys (topk by default) stay dense; "
+                "the rewritten sites switch to the sparse ops above that")
+        print(note, file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -137,9 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 0
-    return args.handler(args)
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.handler(args)
+    except (CLIError, DSAConfigError) as err:
+        print("dsa: error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

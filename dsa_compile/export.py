@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from .backend import rewrite_settings, with_extra_inputs
-from .config import DSAConfig
+from .backend import SiteLogger, rewrite_settings, with_extra_inputs
+from .config import DSAConfig, resolve_config
+from .dynamo_compat import compile_isolated
 from .passes.rewrite import RewriteResult, rewrite_sites
 
 
@@ -51,19 +52,19 @@ class RewrittenModule(torch.nn.Module):
 def export(model: torch.nn.Module, args: tuple, config: DSAConfig | None = None,
            dynamic_shapes: Any = None, **options: Any) -> torch.export.ExportedProgram:
     """Exports ``model(*args)`` with its attention rewritten to the dsa ops."""
-    config = (config or DSAConfig.from_options(options)).replace(mode="eager")
+    config = resolve_config(config, options).replace(mode="eager")
     settings = rewrite_settings(config)
+    report = SiteLogger()
     captured: dict[str, Any] = {}
 
     def backend(gm: fx.GraphModule, example_inputs):
         result = rewrite_sites(gm, example_inputs, settings)
+        report(result)
         captured["result"], captured["inputs"] = result, list(example_inputs)
         return with_extra_inputs(result.graph_module.forward, result.extra_inputs)
 
-    torch.compiler.reset()
-    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    compiled = compile_isolated(model, backend=backend, fullgraph=True, dynamic=False)
     with torch.no_grad():
         compiled(*args)
-    torch.compiler.reset()
     module = RewrittenModule(model, captured["result"], captured["inputs"], args)
     return torch.export.export(module, tuple(args), dynamic_shapes=dynamic_shapes)

@@ -103,29 +103,32 @@ def _check_sdpa(site: AttentionSite, args: dict[str, Any]) -> None:
         site.tags.append(Refinement.GQA_UNREPEATED)
 
 
-_FUSED_MHA = {
+_OPAQUE_MHA = {
     torch._native_multi_head_attention: "nn.MultiheadAttention's fused fast path "
-    "(torch._native_multi_head_attention)",
+    "(torch._native_multi_head_attention) runs attention inside one kernel",
     torch._transformer_encoder_layer_fwd: "nn.TransformerEncoderLayer's fused fast path "
-    "(torch._transformer_encoder_layer_fwd)",
+    "(torch._transformer_encoder_layer_fwd) runs attention inside one kernel; "
+    "torch.backends.mha.set_fastpath_enabled(False) before compiling exposes its "
+    "nn.MultiheadAttention",
+    F.multi_head_attention_forward: "nn.MultiheadAttention: Dynamo keeps "
+    "F.multi_head_attention_forward as one opaque call, so the attention inside it cannot be "
+    "rewritten (write the projections and F.scaled_dot_product_attention out in the model)",
 }
 
 
-def match_fused_mha(node: fx.Node) -> AttentionSite | None:
-    """PyTorch's fused ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` inference
-    kernels: attention inside one ATen call that the pass cannot open. Reported, kept dense."""
-    if node.op != "call_function" or node.target not in _FUSED_MHA:
+def match_opaque_mha(node: fx.Node) -> AttentionSite | None:
+    """PyTorch's ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` as Dynamo records
+    them: attention inside one call the pass cannot open. Reported, kept dense."""
+    if node.op != "call_function" or node.target not in _OPAQUE_MHA:
         return None
-    site = AttentionSite(node=node, pattern="fused_mha")
-    return site.keep_dense(
-        f"{_FUSED_MHA[node.target]} runs attention inside one kernel; call "
-        "torch.backends.mha.set_fastpath_enabled(False) before compiling to expose its SDPA")
+    return AttentionSite(node=node, pattern="nn_multihead_attention").keep_dense(
+        _OPAQUE_MHA[node.target])
 
 
 CATALOG: list[Callable[[fx.Node], AttentionSite | None]] = [
     match_sdpa,
     match_matmul_softmax_matmul,
-    match_fused_mha,
+    match_opaque_mha,
 ]
 
 

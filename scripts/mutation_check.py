@@ -57,6 +57,8 @@ class Mutation:
 TRITON_TESTS = ("tests/test_triton_kernels.py", "-k", "not compile_for_hopper")
 INDEXER_TESTS = ("tests/test_indexer.py",)
 TSA = "kernels/triton_sparse_attention.py"
+GUARD_TESTS = ("tests/test_guards.py",)
+PATTERN_TESTS = ("tests/test_guards.py", "tests/test_patterns.py")
 
 MUTATIONS: list[Mutation] = [
     # Triton sparse attention: online softmax over several key blocks, split-key decode, merge.
@@ -106,6 +108,34 @@ MUTATIONS: list[Mutation] = [
     Mutation("two-stage: keeps the lowest-bound blocks", "kernels/indexer.py",
              "bound.topk(min(count, blocks), dim=-1)",
              "bound.topk(min(count, blocks), dim=-1, largest=False)", INDEXER_TESTS),
+    # The pass (passes/): each guard of issue 9, and the mask semantics of the rewrite.
+    Mutation("pass: the q @ k^T node may have other users", "passes/guards.py",
+             "for node, following in zip(chain, chain[1:], strict=False):",
+             "for node, following in zip(chain[1:], chain[2:], strict=False):", GUARD_TESTS),
+    Mutation("pass: in-place ops in the span ignored", "passes/guards.py",
+             "            if written not in own:", "            if False:", GUARD_TESTS),
+    Mutation("pass: every cast transparent", "passes/guards.py",
+             "    for cast in casts:\n", "    for cast in casts[:0]:\n", GUARD_TESTS),
+    Mutation("pass: q broadcast over the batch accepted", "passes/guards.py",
+             "if not (same_size(q.shape[0], k.shape[0])", "if not (True", GUARD_TESTS),
+    Mutation("pass: masks may enlarge the scores", "passes/guards.py",
+             "        if not (same_size(size, 1) or same_size(size, full)):",
+             "        if False:", GUARD_TESTS),
+    Mutation("pass: scale after an additive mask dropped", "passes/handwritten.py",
+             "if t.kind is TermKind.ADD or math.isfinite(t.fill) else t for t in terms]",
+             "if False else t for t in terms]", PATTERN_TESTS),
+    Mutation("pass: float positions proved causal", "passes/causal_mask.py",
+             "    return not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or",
+             "    return not isinstance(value, torch.Tensor) or False or", GUARD_TESTS),
+    Mutation("pass: finite masked biases selectable", "kernels/attention.py",
+             "visible = visible & (mask >= best - MASKED_BIAS_MARGIN)", "visible = visible",
+             GUARD_TESTS),
+    Mutation("pass: fully masked rows left as zeros", "passes/lower.py",
+             "site.mask.empty_rows is not EmptyRows.ZERO:", "False:", GUARD_TESTS),
+    Mutation("cpu attention: probabilities normalised by lse", "kernels/torch_compat.py",
+             "out = torch.matmul(probs, v) / total.clamp(min=torch.finfo(total.dtype).tiny)",
+             "out = torch.matmul(probs, v)", GUARD_TESTS),
+
 ]
 
 ROOT = Path(__file__).resolve().parents[1]

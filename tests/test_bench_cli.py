@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-import torch
+import pytest
 
 from dsa_compile import DSAConfig
 from dsa_compile.bench import render_table, run_bench, save
@@ -14,12 +14,18 @@ def test_bench_runs_both_backends_and_writes_outputs(tmp_path, monkeypatch):
     monkeypatch.setattr("dsa_compile.bench.MODEL_SHAPE", dict(
         hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=128))
-    torch.compiler.reset()
     result = run_bench([64, 96], layers=1, repeats=1,
                        config=DSAConfig(topk=16, mode="eager"), progress=lambda _: None)
     assert [r["tokens"] for r in result["rows"]] == [64, 96]
     assert all(r["inductor_s"] > 0 and r["dsa_s"] > 0 for r in result["rows"])
-    save(result, tmp_path / "bench")
+    assert save(result, tmp_path / "bench") == [tmp_path / f"bench.{s}" for s in ("json", "md", "png")]
     assert "| 96 |" in render_table(result)
     assert json.loads((tmp_path / "bench.json").read_text())["config"]["topk"] == 16
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(("lengths", "layers", "repeats"), [([], 1, 1), ([0], 1, 1), ([64], 0, 1),
+                                                            ([64], 1, 0)])
+def test_bench_rejects_empty_work(lengths, layers, repeats):
+    with pytest.raises(ValueError, match="must be >= 1"):
+        run_bench(lengths, layers, repeats)

@@ -7,14 +7,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from dsa_compile.demo import format_report, run_demo
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch.compiler.reset()
 
 
 @pytest.mark.slow

@@ -1,0 +1,59 @@
+"""Compiling a model for one library job (``explain``, ``export``, the demo, the benchmark)
+without touching what the caller compiled.
+
+Dynamo keeps compiled code on Python code objects: every ``torch.compile`` of a model shares
+the cache and the recompile limit of its ``forward`` (and of every instance of its class), and
+a reset of Dynamo would throw away every compiled model of the process. Instead, the job
+compiles a fresh entry function whose code object is its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def _calls(model: Callable) -> Callable:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return model(*args, **kwargs)
+
+    return call
+
+
+def fresh_entry(model: Callable) -> Callable:
+    """A function that calls ``model`` and owns a new code object.
+
+    Dynamo starts tracing at this function and inlines ``model``: its cache starts empty, never
+    counts against the recompile limit of the model's own code, leaves that code's entries (the
+    caller's compiled models) alone, and is freed with the function.
+    """
+    call = _calls(model)
+    # The globals of the frame Dynamo would start at for ``torch.compile(model)``: it reads
+    # the model's globals from there, while for any other scope it imports the module by name
+    # (which fails for a module not in sys.modules, e.g. one loaded from a file path).
+    first = model.forward if isinstance(model, torch.nn.Module) else model
+    scope = getattr(first, "__globals__", call.__globals__)
+    return types.FunctionType(call.__code__.replace(), scope, call.__name__, call.__defaults__,
+                              call.__closure__)
+
+
+@functools.cache
+def _has_isolate_recompiles() -> bool:
+    return "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+def compile_isolated(model: Callable, **compile_kwargs: Any) -> Callable:
+    """``torch.compile(fresh_entry(model), **compile_kwargs)``.
+
+    Where torch has it (2.13+), ``isolate_recompiles=True`` also gives the frames that Dynamo
+    starts inside the model after a graph break their own recompile count; on older torch those
+    frames share the model's (``torch._dynamo.config.recompile_limit``, 8 by default).
+    """
+    if _has_isolate_recompiles():
+        compile_kwargs.setdefault("isolate_recompiles", True)
+    return torch.compile(fresh_entry(model), **compile_kwargs)
