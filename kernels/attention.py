@@ -95,6 +95,14 @@ def granularity(device: torch.device, query_block: int | None, key_block: int | 
     return (qb if query_block is None else query_block, kb if key_block is None else key_block)
 
 
+def sdpa_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``attn_mask`` in a dtype SDPA takes with queries of ``dtype``: bool, fp32, or ``dtype``
+    (a bias in another, narrower float dtype, e.g. fp16 added to fp32 scores, is widened)."""
+    if attn_mask is None or attn_mask.dtype in (torch.bool, torch.float32, dtype):
+        return attn_mask
+    return attn_mask.float()
+
+
 def dsa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -127,8 +135,9 @@ def dsa_attention(
     query_block, key_block = granularity(q.device, query_block, key_block)
 
     def sdpa() -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                              scale=scale, enable_gqa=enable_gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(attn_mask, q.dtype),
+                                              is_causal=is_causal, scale=scale,
+                                              enable_gqa=enable_gqa)
 
     if dense and _capture is None:
         return sdpa()
@@ -191,6 +200,8 @@ def combine_masks(terms: list[tuple[str, torch.Tensor, float, Any]], batched: bo
     total, allowed = None, None
     for kind, tensor, fill, factor in terms:
         if kind == "add" or math.isfinite(fill):
+            if kind == "add" and not tensor.is_floating_point():  # bool/int biases add 1/n
+                tensor = tensor.to(torch.float32)
             term = tensor if kind == "add" else \
                 torch.zeros((), dtype=torch.float32, device=tensor.device).masked_fill(
                     tensor if kind == "drop" else ~tensor, fill).expand(tensor.shape)

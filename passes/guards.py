@@ -157,11 +157,11 @@ def check_operands(site: AttentionSite) -> None:
 
 def check_mask_shape(mask: fx.Node, scores_shape: tuple[Any, ...]) -> None:
     """``mask`` broadcasts to ``scores_shape`` (right-aligned; each dim 1 or equal) without
-    enlarging it, and has a recorded floating or boolean dtype."""
+    enlarging it, and has a recorded real dtype (bool/int biases add 1/n, see combine_masks)."""
     value = example_value(mask)
     if not isinstance(value, torch.Tensor):
         raise KeepDense(f"mask {getattr(mask, 'name', mask)} is not a tensor")
-    if not (value.dtype == torch.bool or value.dtype.is_floating_point):
+    if value.dtype.is_complex:
         raise KeepDense(f"mask {mask.name} has dtype {value.dtype}")
     if value.dim() > len(scores_shape):
         raise KeepDense(f"mask {mask.name} {tuple(value.shape)} has more dims than the scores "

@@ -47,11 +47,14 @@ real, non-commuting basis can keep more (benchmarks/rope_init_recall.py measures
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import fx
+
+logger = logging.getLogger("dsa_compile")
 
 # Ops that pass a projection's output on to attention (reshapes, RoPE arithmetic, casts).
 _PASS_THROUGH_DEPTH = 16
@@ -162,6 +165,11 @@ def initial_indexer(
     ``rotary``: the site's q and k carry RoPE (rotate_half layout); the basis then commutes
     with it (see the module docstring).
     """
+    cut = [f"{name} {asked} > {limit} ({what}): uses {limit}" for name, asked, limit, what in (
+        ("index_dim", index_dim, kv_heads * dim, "the site's Hkv * D"),
+        ("index_heads", index_heads, heads, "the site's query heads")) if asked > limit]
+    for note in cut:
+        logger.info("indexer of a %d-head site: %s", heads, note)
     index_dim = min(index_dim, kv_heads * dim)
     index_heads = min(index_heads, heads)
     weights = wq is not None and wk is not None
@@ -180,6 +188,7 @@ def initial_indexer(
     else:
         basis = torch.eye(kv_heads * dim, dtype=torch.float64)[:, :index_dim]
         source = f"coordinates (first {index_dim} key dims; no q/k projection found upstream)"
+    source = "; ".join([source, *cut])
     return indexer_from_basis(basis, heads, kv_heads, dim, index_heads, source, dtype, planes)
 
 

@@ -353,3 +353,39 @@ def test_position_masks_in_a_float_dtype_are_not_proved_causal(dtype):
     site = site_of(arange_mask, q, k, v, topk=n)
     assert ("causal_mask" in site["pattern"]) is (dtype == torch.int64), site
     assert_exact(arange_mask, q, k, v, rewritten=True, topk=n)
+
+
+def test_index_dims_above_the_site_are_cut_out_loud(caplog):
+    def plain(q, k, v):
+        return F.softmax(q @ k.mT, -1) @ v
+
+    with caplog.at_level("INFO", logger="dsa_compile"):
+        site = site_of(plain, *qkv(), index_dim=64, index_heads=8)
+    assert "index_dim 64 > 16" in site["indexer_init"] and "index_heads 8 > 2" in \
+        site["indexer_init"], site
+    assert "index_dim 64 > 16" in caplog.text
+
+
+def test_topk_beyond_the_keys_is_clamped():
+    def plain(q, k, v):
+        return F.softmax(q @ k.mT, -1) @ v
+
+    q, k, v = qkv()
+    model = torch.compile(Fn(plain), backend="dsa", options={**FORCED, "topk": 2**31 - 1})
+    with capture_selections() as selections:
+        torch.testing.assert_close(model(q, k, v), plain(q, k, v), atol=2e-5, rtol=1e-5)
+    assert selections[0].shape[-1] == L
+
+
+@pytest.mark.parametrize("bias", [torch.rand(L, L) > 0.5, (torch.rand(L, L) > 0.5).long() * -7,
+                                  torch.randn(L, L).half()], ids=["bool", "int", "fp16"])
+def test_additive_masks_of_other_dtypes_add_their_values(bias):
+    """``scores + bool_mask`` adds 1 where True (it is not a keep mask); int and fp16 biases
+    promote to the scores' dtype."""
+    def biased(q, k, v):
+        return F.softmax(q @ k.mT + bias, -1) @ v
+
+    q, k, v = qkv()
+    assert_exact(biased, q, k, v, rewritten=True)
+    dense = torch.compile(Fn(biased), backend="dsa", options={"mode": "eager", "topk": L})
+    torch.testing.assert_close(dense(q, k, v), biased(q, k, v), atol=2e-5, rtol=1e-5)
