@@ -106,19 +106,21 @@ _HOLDS = {
 }
 
 
-def check_lossless_casts(casts: list[fx.Node], softmax_dtype: torch.dtype) -> None:
-    """Each cast on the score path goes float -> float into a dtype that holds every value of
-    the softmax's dtype (so dropping it changes nothing the softmax would see)."""
+def check_lossless_casts(casts: list[fx.Node], softmax_dtype: torch.dtype,
+                         what: str = "scores") -> None:
+    """Each cast goes float -> float into a dtype that holds every value of ``softmax_dtype``
+    (the softmax's dtype for the scores, v's for the probabilities), so dropping it changes
+    nothing the next op would see."""
     for cast in casts:
         value, source = example_value(cast), example_value(cast.args[0])
         if not isinstance(value, torch.Tensor) or not isinstance(source, torch.Tensor):
             raise KeepDense(f"cast {cast.name} on the scores has no recorded dtype")
         if not (value.dtype.is_floating_point and source.dtype.is_floating_point):
-            raise KeepDense(f"the scores are cast {source.dtype} -> {value.dtype} before the "
-                            "softmax (not float -> float)")
+            raise KeepDense(f"the {what} are cast {source.dtype} -> {value.dtype} (not float -> "
+                            "float)")
         if softmax_dtype not in _HOLDS.get(value.dtype, set()):
-            raise KeepDense(f"the scores are cast to {value.dtype}, which loses precision of the "
-                            f"softmax's {softmax_dtype}")
+            raise KeepDense(f"the {what} are cast to {value.dtype}, which loses precision of "
+                            f"{softmax_dtype}")
 
 
 def same_size(a: Any, b: Any) -> bool:

@@ -449,9 +449,10 @@ def _match(site: AttentionSite, softmax: fx.Node, prob_nodes: list[fx.Node], v: 
     site.view_shape = _batch_view_shape(chain.steps)
     softmax_dtype = tensor_value(softmax).dtype
     guards.check_lossless_casts([s.value for s in chain.steps if s.kind == "cast"], softmax_dtype)
-    for cast in prob_nodes:
-        if op(cast) == "cast" and not tensor_value(cast).dtype.is_floating_point:
-            raise KeepDense(f"the probabilities are cast to {tensor_value(cast).dtype}")
+    # Probabilities may be narrowed to v's dtype (HF: softmax in fp32, then .to(q.dtype)), never
+    # below it: p.bfloat16().float() @ v rounds what the sparse ops keep exact.
+    guards.check_lossless_casts([n for n in prob_nodes if op(n) == "cast"],
+                                tensor_value(v).dtype, what="probabilities")
     site.scale, site.mask = normalise(steps, softmax.target in SAFE_SOFTMAXES,
                                        _masked_dtype(chain, scores_value.dtype))
     numbers = [f.value for f in site.scale if isinstance(f.value, (int, float))]
@@ -470,13 +471,20 @@ def _match(site: AttentionSite, softmax: fx.Node, prob_nodes: list[fx.Node], v: 
         owned += [k, v]
         k, v = k_source, v_source
     site.q, site.k, site.v = q, k, v
-    site.enable_gqa = k_repeated and v_repeated
+    site.enable_gqa = (k_repeated and v_repeated) or _broadcast_kv_head(q, k, v)
     site.layout = Layout.BHLD if rank(q) == 4 else \
         Layout.BATCH_VIEW if site.view_shape is not None else Layout.BATCHED
     guards.check_operands(site)
     site.owned = [*chain_nodes[:-1], *owned]
     site.span = min(site.owned, key=_position(site.node.graph))
     guards.check_no_mutation(site.node.graph, site.span, site.node, chain_nodes[:-1])
+
+
+def _broadcast_kv_head(q: fx.Node, k: fx.Node, v: fx.Node) -> bool:
+    """``q [B, H, L, D] @ k [B, 1, L, D]^T``: matmul broadcasts the one kv head (MQA)."""
+    shapes = [tensor_value(x).shape if tensor_value(x) is not None else () for x in (q, k, v)]
+    return all(len(s) == 4 for s in shapes) and shapes[1][1] == shapes[2][1] == 1 and \
+        shapes[0][1] != 1
 
 
 def _masked_dtype(chain: ScoreChain, default: torch.dtype) -> torch.dtype:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,8 @@ from .lower import emit_operands, emit_output
 from .patterns import CATALOG, REFINEMENTS
 from .rotary import applies_rotary
 from .sites import AttentionSite, Layout, example_value
+
+logger = logging.getLogger("dsa_compile")
 
 
 @dataclass(frozen=True)
@@ -186,11 +189,18 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, inputs, settings: RewriteS
         heads = kv_heads = int(example_value(site.view_shape[1])) \
             if site.layout is Layout.BATCH_VIEW else 1
         dim = int(q.shape[2])
-    wq = find_projection_weight(site.q, heads * dim, inputs)
-    wk = find_projection_weight(site.k, kv_heads * dim, inputs)
-    rotary = applies_rotary(site.q, dim) and applies_rotary(site.k, dim)
-    init = initial_indexer(heads, kv_heads, dim, settings.index_heads, settings.index_dim, wq, wk,
-                           rotary=rotary)
+    try:  # nothing is changed in the graph until the indexer exists
+        wq = find_projection_weight(site.q, heads * dim, inputs)
+        wk = find_projection_weight(site.k, kv_heads * dim, inputs)
+        rotary = applies_rotary(site.q, dim) and applies_rotary(site.k, dim)
+        init = initial_indexer(heads, kv_heads, dim, settings.index_heads, settings.index_dim,
+                               wq, wk, rotary=rotary)
+    except Exception as err:  # a bug here must cost speed, never the user's compile
+        logger.warning("dsa: indexer initialisation failed at %s", site.module_path,
+                       exc_info=True)
+        site.keep_dense(f"indexer initialisation failed ({type(err).__name__}: {err}); please "
+                        "report it")
+        return
     path = _unique_path(result.indexers, site.module_path)
     device = q.device  # the indexer lives where the site's activations live
     indexer = IndexerParameters(init.q_proj.to(device), init.k_proj.to(device),

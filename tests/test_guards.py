@@ -389,3 +389,21 @@ def test_additive_masks_of_other_dtypes_add_their_values(bias):
     assert_exact(biased, q, k, v, rewritten=True)
     dense = torch.compile(Fn(biased), backend="dsa", options={"mode": "eager", "topk": L})
     torch.testing.assert_close(dense(q, k, v), biased(q, k, v), atol=2e-5, rtol=1e-5)
+
+
+def test_probabilities_rounded_below_v_stay_dense():
+    def rounded(q, k, v):
+        return F.softmax(q @ k.mT, -1).bfloat16().float() @ v
+
+    q, k, v = qkv()
+    site = site_of(rounded, q, k, v)
+    assert not site["rewritten"] and "probabilities are cast to torch.bfloat16" in \
+        site["reason"], site
+    assert_exact(rounded, q, k, v, rewritten=False)
+
+
+def test_one_kv_head_broadcast_by_matmul_is_mqa():
+    def mqa(q, k, v):
+        return F.softmax(q @ k[:, :1].mT, -1) @ v[:, :1]
+
+    assert_exact(mqa, *qkv(), rewritten=True)
