@@ -123,6 +123,17 @@ def check_lossless_casts(casts: list[fx.Node], softmax_dtype: torch.dtype,
                             f"{softmax_dtype}")
 
 
+def check_no_autocast(site: AttentionSite, scores: fx.Node | None, q: fx.Node) -> None:
+    """The scores (``q @ k^T``) and the output come out in q's dtype: under ``torch.autocast``
+    they come out narrower, and the sparse ops (which do not autocast) would compute a
+    different, wider result."""
+    q_dtype = example_value(q).dtype
+    for node, what in ((scores, "q @ k^T"), (site.node, "the attention output")):
+        value = example_value(node) if node is not None else None
+        if isinstance(value, torch.Tensor) and value.dtype != q_dtype:
+            raise KeepDense(f"{what} is {value.dtype} while q is {q_dtype} (torch.autocast?)")
+
+
 def same_size(a: Any, b: Any) -> bool:
     """Sizes equal for every shape the graph may see (SymInts included), without new guards."""
     return statically_known_true(a == b)

@@ -236,7 +236,7 @@ def repeat_kv_expand_reshape(node: fx.Node) -> fx.Node | None:
 
 def repeat_kv_interleave(node: fx.Node) -> fx.Node | None:
     if is_call(node, "repeat_interleave", torch.repeat_interleave) and \
-            arg(node, 2, "dim") == 1 and isinstance(node.args[1], int):
+            arg(node, 2, "dim") == 1 and isinstance(arg(node, 1, "repeats"), int):
         return node.args[0]
     return None
 
@@ -448,6 +448,9 @@ def _match(site: AttentionSite, softmax: fx.Node, prob_nodes: list[fx.Node], v: 
     steps = pre_steps + chain.steps
     site.view_shape = _batch_view_shape(chain.steps)
     softmax_dtype = tensor_value(softmax).dtype
+    guards.check_lossless_casts([softmax], tensor_value(softmax.args[0]).dtype,
+                                what="scores (by the softmax's dtype)")
+    guards.check_no_autocast(site, chain.qk, q)
     guards.check_lossless_casts([s.value for s in chain.steps if s.kind == "cast"], softmax_dtype)
     # Probabilities may be narrowed to v's dtype (HF: softmax in fp32, then .to(q.dtype)), never
     # below it: p.bfloat16().float() @ v rounds what the sparse ops keep exact.

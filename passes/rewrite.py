@@ -63,14 +63,24 @@ class IndexerParameters(torch.nn.Module):
 
 
 def find_sites(graph: fx.Graph) -> list[AttentionSite]:
-    """Every node that some catalog pattern recognises, in graph order."""
+    """Every node that some catalog pattern recognises, in graph order.
+
+    A matcher or refinement that raises is a bug in this package: the node is left dense, with
+    a warning, and the user's compile goes on.
+    """
     sites = []
     for node in graph.nodes:
         for pattern in CATALOG:
-            site = pattern(node)
+            try:
+                site = pattern(node)
+                if site is not None:
+                    for refine in REFINEMENTS:
+                        refine(site)
+            except Exception:
+                logger.warning("dsa: %s failed on node %s; it stays dense (please report it)",
+                               pattern.__name__, node.name, exc_info=True)
+                site = None
             if site is not None:
-                for refine in REFINEMENTS:
-                    refine(site)
                 sites.append(site)
                 break
     return sites
