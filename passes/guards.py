@@ -106,6 +106,11 @@ _HOLDS = {
 }
 
 
+def holds(wide: torch.dtype, narrow: torch.dtype) -> bool:
+    """True if every value of ``narrow`` is exactly a value of ``wide``."""
+    return narrow in _HOLDS.get(wide, set())
+
+
 def check_lossless_casts(casts: list[fx.Node], softmax_dtype: torch.dtype,
                          what: str = "scores") -> None:
     """Each cast goes float -> float into a dtype that holds every value of ``softmax_dtype``
@@ -118,20 +123,21 @@ def check_lossless_casts(casts: list[fx.Node], softmax_dtype: torch.dtype,
         if not (value.dtype.is_floating_point and source.dtype.is_floating_point):
             raise KeepDense(f"the {what} are cast {source.dtype} -> {value.dtype} (not float -> "
                             "float)")
-        if softmax_dtype not in _HOLDS.get(value.dtype, set()):
+        if not holds(value.dtype, softmax_dtype):
             raise KeepDense(f"the {what} are cast to {value.dtype}, which loses precision of "
                             f"{softmax_dtype}")
 
 
-def check_no_autocast(site: AttentionSite, scores: fx.Node | None, q: fx.Node) -> None:
-    """The scores (``q @ k^T``) and the output come out in q's dtype: under ``torch.autocast``
-    they come out narrower, and the sparse ops (which do not autocast) would compute a
-    different, wider result."""
-    q_dtype = example_value(q).dtype
-    for node, what in ((scores, "q @ k^T"), (site.node, "the attention output")):
-        value = example_value(node) if node is not None else None
-        if isinstance(value, torch.Tensor) and value.dtype != q_dtype:
-            raise KeepDense(f"{what} is {value.dtype} while q is {q_dtype} (torch.autocast?)")
+def check_no_autocast(pairs: list[tuple[fx.Node, Any]]) -> None:
+    """Each ``(matmul, operand)``: the matmul (``q @ k^T``, ``p @ v``, SDPA) comes out in its
+    operand's dtype. Under ``torch.autocast`` it comes out narrower, and the sparse ops (which
+    do not autocast) would compute a different, wider result."""
+    for node, operand in pairs:
+        value, source = example_value(node), example_value(operand)
+        if isinstance(value, torch.Tensor) and isinstance(source, torch.Tensor) and \
+                value.dtype != source.dtype:
+            raise KeepDense(f"{node.name} is {value.dtype} while its operand {operand.name} is "
+                            f"{source.dtype} (torch.autocast?)")
 
 
 def same_size(a: Any, b: Any) -> bool:

@@ -289,6 +289,20 @@ def _pre_scale(node: fx.Node, steps: list[ScoreStep], owned: list[fx.Node]) -> f
         steps.append(step)
 
 
+def _strip_operand(node: fx.Node, steps: list[ScoreStep], owned: list[fx.Node]) -> fx.Node:
+    """q or k before scalar scaling and widening casts (``q.float()`` of a bf16 q: the sparse
+    ops multiply bf16 q and k with fp32 accumulation, which is the same product)."""
+    while True:
+        node = _pre_scale(node, steps, owned)
+        source = node.args[0] if op(node) == "cast" and node.args else None
+        if not isinstance(source, fx.Node) or tensor_value(source) is None or \
+                tensor_value(node) is None or not tensor_value(source).dtype.is_floating_point \
+                or not guards.holds(tensor_value(node).dtype, tensor_value(source).dtype):
+            return node
+        owned.append(node)
+        node = source
+
+
 def _walk_scores(node: fx.Node, depth: int = 0) -> ScoreChain:
     if depth > 12:
         raise KeepDense("too many ops between q @ k^T and the softmax")
@@ -435,13 +449,13 @@ def _match(site: AttentionSite, softmax: fx.Node, prob_nodes: list[fx.Node], v: 
     else:
         offset = 1 if op(chain.qk) == "baddbmm" else 0
         q, k_t = chain.qk.args[offset], chain.qk.args[offset + 1]
-        k_t = _pre_scale(k_t, pre_steps, owned)
+        k_t = _strip_operand(k_t, pre_steps, owned)
         k = _first(KEY_TRANSPOSES, k_t)
         if k is None:
             raise KeepDense("the second operand of q @ k^T is not a transposed key")
         owned.append(k_t)
-    q = _pre_scale(q, pre_steps, owned)
-    k = _pre_scale(k, pre_steps, owned)
+    q = _strip_operand(q, pre_steps, owned)
+    k = _strip_operand(k, pre_steps, owned)
     scores_value = tensor_value(chain.qk)
     if scores_value is None or not scores_value.dtype.is_floating_point:
         raise KeepDense("q @ k^T has no recorded floating dtype")
@@ -450,7 +464,7 @@ def _match(site: AttentionSite, softmax: fx.Node, prob_nodes: list[fx.Node], v: 
     softmax_dtype = tensor_value(softmax).dtype
     guards.check_lossless_casts([softmax], tensor_value(softmax.args[0]).dtype,
                                 what="scores (by the softmax's dtype)")
-    guards.check_no_autocast(site, chain.qk, q)
+    guards.check_no_autocast([(chain.qk, chain.qk.args[-1]), (site.node, v)])
     guards.check_lossless_casts([s.value for s in chain.steps if s.kind == "cast"], softmax_dtype)
     # Probabilities may be narrowed to v's dtype (HF: softmax in fp32, then .to(q.dtype)), never
     # below it: p.bfloat16().float() @ v rounds what the sparse ops keep exact.

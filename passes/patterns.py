@@ -91,7 +91,7 @@ def _check_sdpa(site: AttentionSite, args: dict[str, Any]) -> None:
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k)):
         raise KeepDense("q, k, v are not all rank-4 [B, H, L, D] tensors")
     guards.check_operands(site)
-    guards.check_no_autocast(site, None, site.q)
+    guards.check_no_autocast([(site.node, site.q)])
     if mask is not None:
         guards.check_mask_shape(mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
     # K/V repeated for GQA before the call (HF's repeat_kv when it cannot use enable_gqa):
