@@ -20,6 +20,7 @@ from .causal_mask import causal_mask_as_flag
 from .graph_utils import is_scalar
 from .handwritten import match_matmul_softmax_matmul, unrepeat
 from .model_indexer import use_model_indexer
+from .multihead import bound_arguments, why_opaque
 from .sites import (
     AttentionSite,
     Factor,
@@ -111,19 +112,22 @@ _OPAQUE_MHA = {
     "(torch._transformer_encoder_layer_fwd) runs attention inside one kernel; "
     "torch.backends.mha.set_fastpath_enabled(False) before compiling exposes its "
     "nn.MultiheadAttention",
-    F.multi_head_attention_forward: "nn.MultiheadAttention: Dynamo keeps "
-    "F.multi_head_attention_forward as one opaque call, so the attention inside it cannot be "
-    "rewritten (write the projections and F.scaled_dot_product_attention out in the model)",
 }
 
 
 def match_opaque_mha(node: fx.Node) -> AttentionSite | None:
     """PyTorch's ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` as Dynamo records
     them: attention inside one call the pass cannot open. Reported, kept dense."""
-    if node.op != "call_function" or node.target not in _OPAQUE_MHA:
+    if node.op != "call_function":
         return None
-    return AttentionSite(node=node, pattern="nn_multihead_attention").keep_dense(
-        _OPAQUE_MHA[node.target])
+    if node.target is F.multi_head_attention_forward:  # what expand_multihead_attention left
+        why = why_opaque(bound_arguments(node)) or "its attention weights are used"
+        reason = f"nn.MultiheadAttention kept as one call: {why}"
+    elif node.target in _OPAQUE_MHA:
+        reason = _OPAQUE_MHA[node.target]
+    else:
+        return None
+    return AttentionSite(node=node, pattern="nn_multihead_attention").keep_dense(reason)
 
 
 CATALOG: list[Callable[[fx.Node], AttentionSite | None]] = [

@@ -19,6 +19,7 @@ from ..kernels.attention import dsa_attention, granularity, indexed_attention
 from .guards import mutated_inputs
 from .indexer_init import find_projection_weight, initial_indexer
 from .lower import emit_operands, emit_output
+from .multihead import expand_multihead_attention
 from .patterns import CATALOG, REFINEMENTS
 from .rotary import applies_rotary
 from .sites import AttentionSite, Layout, example_value
@@ -127,6 +128,7 @@ def rewrite_sites(
     gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     inputs = {n: inputs_by_name[n.name] for n in gm.graph.nodes
               if n.op == "placeholder" and n.name in inputs_by_name}
+    expand_multihead_attention(gm.graph)
     sites = find_sites(gm.graph)
     result = RewriteResult(gm, sites, [], {})
     for site in sites:

@@ -277,29 +277,10 @@ def test_corpus_shape():
         assert len(case.out_seq_dims) == len(eager(case, inputs)), case.name
 
 
-@pytest.mark.parametrize("name", names("exact_dense"))
-def test_exact_dense(name):
-    check_exact_dense(case_named(name))
-
-
-@pytest.mark.parametrize("name", names("exact_sparse"))
-def test_exact_sparse(name):
-    check_exact_sparse(case_named(name))
-
-
-@pytest.mark.parametrize("name", names("causal_prefix"))
-def test_causal_prefix(name):
-    check_causal_prefix(case_named(name))
-
-
-@pytest.mark.parametrize("name", names("selected_reference"))
-def test_selected_reference(name):
-    check_selected_reference(case_named(name))
-
-
-@pytest.mark.parametrize("name", names("explain"))
-def test_explain(name):
-    check_explain(case_named(name))
+@pytest.mark.parametrize("check, name", [(check, name) for check in CHECKS
+                                          for name in names(check)])
+def test_corpus(check, name):
+    CHECKS[check][0](case_named(name))
 
 
 # ------------------------------------------------------------------------------------------
