@@ -169,7 +169,7 @@ def initial_indexer(
         ("index_dim", index_dim, kv_heads * dim, "the site's Hkv * D"),
         ("index_heads", index_heads, heads, "the site's query heads")) if asked > limit]
     for note in cut:
-        logger.info("indexer of a %d-head site: %s", heads, note)
+        logger.debug("indexer of a %d-head site: %s", heads, note)
     index_dim = min(index_dim, kv_heads * dim)
     index_heads = min(index_heads, heads)
     weights = wq is not None and wk is not None

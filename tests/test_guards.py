@@ -359,7 +359,7 @@ def test_index_dims_above_the_site_are_cut_out_loud(caplog):
     def plain(q, k, v):
         return F.softmax(q @ k.mT, -1) @ v
 
-    with caplog.at_level("INFO", logger="dsa_compile"):
+    with caplog.at_level("DEBUG", logger="dsa_compile"):
         site = site_of(plain, *qkv(), index_dim=64, index_heads=8)
     assert "index_dim 64 > 16" in site["indexer_init"] and "index_heads 8 > 2" in \
         site["indexer_init"], site
