@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-logger = logging.getLogger("dsa_compile")
+logger = logging.getLogger("dsa_compile.indexer")
 
 # Ops that pass a projection's output on to attention (reshapes, RoPE arithmetic, casts).
 _PASS_THROUGH_DEPTH = 16
