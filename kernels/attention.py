@@ -221,6 +221,14 @@ def combine_masks(terms: list[tuple[str, torch.Tensor, float, Any]], batched: bo
     return mask
 
 
+def flat_mask_in_view(mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """A mask of ``[B*H, Lq, Lk]`` scores (``[B*H | 1, Lq | 1, Lk | 1]`` or fewer dims) for their
+    ``[B, H, Lq, Lk]`` view: a leading ``B*H`` dim is split, anything else broadcasts as is."""
+    if mask.dim() == 3 and mask.shape[0] != 1:
+        return mask.unflatten(0, (-1, heads))
+    return mask
+
+
 def restore_empty_rows(out: torch.Tensor, attn_mask: torch.Tensor, v: torch.Tensor, policy: str
                        ) -> torch.Tensor:
     """``out [B, H, Lq, Dv]`` with the rows whose every key ``attn_mask`` removes set to what

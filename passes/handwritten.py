@@ -19,6 +19,7 @@ keeps the site dense, and says why.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections.abc import Callable
@@ -165,18 +166,30 @@ SCORE_STEPS: list[Callable[[fx.Node], Any]] = [
 ]
 
 
-def _batch_view_shape(steps: list[ScoreStep]) -> tuple[Any, Any] | None:
-    """``(B, H)`` when the scores pass through a ``[B * H] -> [B, H]`` view and back, with every
-    mask applied inside the 4-d view; None without views."""
+def _is_batch_view(node: fx.Node, before: int, after: int) -> bool:
+    """``node`` regroups only the leading dims of a rank-``before`` tensor into rank ``after``."""
+    if op(node) != "view" or not isinstance(node.args[0], fx.Node):
+        return False
+    source, value = tensor_value(node.args[0]), tensor_value(node)
+    return source is not None and value is not None and source.dim() == before and \
+        value.dim() == after and source.shape[-2:] == value.shape[-2:]
+
+
+def _batch_view_shape(steps: list[ScoreStep], probs_viewed_back: bool) -> tuple[Any, Any] | None:
+    """``(B, H)`` when the ``[B*H, Lq, Lk]`` scores are viewed as ``[B, H, Lq, Lk]`` and back
+    (on the scores, or on the probabilities after the softmax: BLOOM), with no mask applied
+    after the way back; None without views. Masks before the first view are ``flat`` terms."""
     views = [i for i, step in enumerate(steps) if step.kind == "view"]
-    if not views:
+    if not views and not probs_viewed_back:
         return None
-    if len(views) != 2 or steps[views[0]].value is None or steps[views[1]].value is not None:
+    downs = [i for i in views if steps[i].value is not None]
+    ups = [i for i in views if steps[i].value is None]
+    if len(downs) != 1 or len(ups) != (0 if probs_viewed_back else 1) or \
+            (ups and ups[0] < downs[0]):
         raise KeepDense("the scores are reshaped other than [B*H] -> [B, H] -> [B*H]")
-    masks = [i for i, step in enumerate(steps) if step.kind in ("add", "fill")]
-    if any(not views[0] < i < views[1] for i in masks):
-        raise KeepDense("masks are applied on both sides of a [B*H] <-> [B, H] view of the scores")
-    view = steps[views[0]].value
+    if ups and any(step.kind in ("add", "fill") for step in steps[ups[0]:]):
+        raise KeepDense("a mask is applied after the scores are viewed back to [B*H]")
+    view = steps[downs[0]].value
     shape = view.args[1] if len(view.args) == 2 else view.args[1:]
     if len(shape) != 4 or any(isinstance(d, int) and d < 0 for d in shape[:2]):
         raise KeepDense("the [B, H] view of the scores does not name B and H")
@@ -303,6 +316,15 @@ def _strip_operand(node: fx.Node, steps: list[ScoreStep], owned: list[fx.Node]) 
         node = source
 
 
+def _matmul_operands(node: fx.Node) -> tuple[Any, Any]:
+    """``(a, b)`` of ``a @ b`` / ``bmm(a, b)`` / ``baddbmm(input, batch1=a, batch2=b)``."""
+    if op(node) == "baddbmm":
+        return arg(node, 1, "batch1"), arg(node, 2, "batch2")
+    second = node.args[1] if len(node.args) > 1 else \
+        node.kwargs.get("other", node.kwargs.get("mat2"))
+    return arg(node, 0, "input"), second
+
+
 def _walk_scores(node: fx.Node, depth: int = 0) -> ScoreChain:
     if depth > 12:
         raise KeepDense("too many ops between q @ k^T and the softmax")
@@ -313,7 +335,7 @@ def _walk_scores(node: fx.Node, depth: int = 0) -> ScoreChain:
         if beta != 1 or not is_scalar(alpha):
             raise KeepDense(f"baddbmm with beta={beta}, alpha={alpha}")
         return ScoreChain(qk=node, steps=[ScoreStep("scale", scale_factor(alpha)),
-                                          ScoreStep("add", node.args[0])])
+                                          ScoreStep("add", arg(node, 0, "input"))])
     for step_fn in SCORE_STEPS:
         found = step_fn(node)
         if found is None:
@@ -344,7 +366,7 @@ def _walk_probs(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
             p, training = arg(node, 1, "p", 0.5), arg(node, 2, "training", True)
             if p != 0 and training is not False:
                 raise KeepDense(f"dropout(p={p}) in training mode")
-        elif op(node) != "cast":
+        elif op(node) != "cast" and not _is_batch_view(node, 4, 3):
             raise KeepDense("the PV matmul's first operand is not a softmax")
         passed.append(node)
         node = node.args[0]
@@ -387,20 +409,23 @@ def normalise(steps: list[ScoreStep], safe_softmax: bool, score_dtype: torch.dty
     factors: list[Factor] = []
     terms: list[MaskTerm] = []
     finite_fills: set[float] = set()
+    flat = any(step.kind == "view" and step.value is not None for step in steps)
     for step in steps:
-        if step.kind == "scale":
+        if step.kind == "view" and step.value is not None:
+            flat = False  # masks from here on are applied to the [B, H] view
+        elif step.kind == "scale":
             factors.append(step.value)
-            terms = [MaskTerm(t.kind, t.node, (*t.factors, step.value), t.fill)
+            terms = [dataclasses.replace(t, factors=(*t.factors, step.value))
                      if t.kind is TermKind.ADD or math.isfinite(t.fill) else t for t in terms]
         elif step.kind == "add":
-            terms.append(MaskTerm(TermKind.ADD, step.value))
+            terms.append(MaskTerm(TermKind.ADD, step.value, flat=flat))
         elif step.kind == "fill":
             kind = TermKind.KEEP if step.keep else TermKind.DROP
             if math.isfinite(step.fill) and step.fill > torch.finfo(score_dtype).min / 2:
                 finite_fills.add(step.fill)
-                terms.append(MaskTerm(kind, step.value))  # removes keys (-inf), see above
+                terms.append(MaskTerm(kind, step.value, flat=flat))  # removes keys, see above
             else:
-                terms.append(MaskTerm(kind, step.value, fill=step.fill))
+                terms.append(MaskTerm(kind, step.value, fill=step.fill, flat=flat))
     empty_rows = EmptyRows.ZERO if safe_softmax else EmptyRows.NAN
     if finite_fills:
         others = [t for t in terms if t.kind is TermKind.ADD or math.isfinite(t.fill)]
@@ -417,8 +442,8 @@ def match_matmul_softmax_matmul(node: fx.Node) -> AttentionSite | None:
     bmm, einsum; scaling by mul/div or pre-scaled q/k; additive, masked_fill and where masks;
     casts around the softmax; eval-mode dropout; GQA by repeat_kv/repeat_interleave/expand)."""
     pv = _einsum_operands(node, "pv")
-    if pv is None and op(node) == "matmul" and len(node.args) >= 2:
-        pv = node.args[0], node.args[1]
+    if pv is None and op(node) == "matmul":
+        pv = _matmul_operands(node)
     if pv is None or not isinstance(pv[0], fx.Node) or rank(node) not in (3, 4):
         return None
     try:
@@ -447,8 +472,7 @@ def _match(site: AttentionSite, softmax: fx.Node, prob_nodes: list[fx.Node], v: 
     if qk is not None:
         q, k = qk
     else:
-        offset = 1 if op(chain.qk) == "baddbmm" else 0
-        q, k_t = chain.qk.args[offset], chain.qk.args[offset + 1]
+        q, k_t = _matmul_operands(chain.qk)
         k_t = _strip_operand(k_t, pre_steps, owned)
         k = _first(KEY_TRANSPOSES, k_t)
         if k is None:
@@ -460,11 +484,12 @@ def _match(site: AttentionSite, softmax: fx.Node, prob_nodes: list[fx.Node], v: 
     if scores_value is None or not scores_value.dtype.is_floating_point:
         raise KeepDense("q @ k^T has no recorded floating dtype")
     steps = pre_steps + chain.steps
-    site.view_shape = _batch_view_shape(chain.steps)
+    site.view_shape = _batch_view_shape(chain.steps, any(op(n) == "view" for n in prob_nodes))
     softmax_dtype = tensor_value(softmax).dtype
     guards.check_lossless_casts([softmax], tensor_value(softmax.args[0]).dtype,
                                 what="scores (by the softmax's dtype)")
-    guards.check_no_autocast([(chain.qk, chain.qk.args[-1]), (site.node, v)])
+    guards.check_no_autocast([(chain.qk, qk[1] if qk else _matmul_operands(chain.qk)[1]),
+                              (site.node, v)])
     guards.check_lossless_casts([s.value for s in chain.steps if s.kind == "cast"], softmax_dtype)
     # Probabilities may be narrowed to v's dtype (HF: softmax in fp32, then .to(q.dtype)), never
     # below it: p.bfloat16().float() @ v rounds what the sparse ops keep exact.
@@ -477,11 +502,10 @@ def _match(site: AttentionSite, softmax: fx.Node, prob_nodes: list[fx.Node], v: 
         raise KeepDense("a scale <= 0 (the indexer ranks keys by q . k)")
     chain_nodes = [chain.qk, *chain.nodes, softmax, *prob_nodes, site.node]
     guards.check_exclusive(chain_nodes)
-    views = [node for step, node in _step_nodes(chain) if step.kind == "view" and node is not None]
-    masked_shape = tensor_value(views[0]).shape if site.view_shape is not None else \
-        scores_value.shape
+    views = [step.value for step in chain.steps if step.kind == "view" and step.value is not None]
     for term in site.mask.terms:
-        guards.check_mask_shape(term.node, tuple(masked_shape))
+        shape = scores_value.shape if term.flat or not views else tensor_value(views[0]).shape
+        guards.check_mask_shape(term.node, tuple(shape))
     k_source, k_repeated = unrepeat(k)
     v_source, v_repeated = unrepeat(v)
     if k_repeated and v_repeated:

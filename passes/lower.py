@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import fx
 
-from ..kernels.attention import combine_masks, restore_empty_rows
+from ..kernels.attention import combine_masks, flat_mask_in_view, restore_empty_rows
 from .sites import AttentionSite, EmptyRows, Factor, Layout
 
 
@@ -55,14 +55,19 @@ def emit_operands(graph: fx.Graph, site: AttentionSite) -> Operands:
         scale = product(graph, [f for f in site.scale if not f.tensor])
     mask = None
     if site.mask.terms:
-        terms = [(t.kind.value, t.node, t.fill, product(graph, t.factors))
-                 for t in site.mask.terms]
+        terms = [(t.kind.value, _in_view(graph, site, t.node) if t.flat else t.node, t.fill,
+                  product(graph, t.factors)) for t in site.mask.terms]
         mask = graph.call_function(combine_masks, (terms, site.layout is Layout.BATCHED))
     if site.layout is Layout.BATCH_VIEW:  # [B*H, L, D] -> [B, H, L, D], where the masks live
         q, k, v = (graph.call_method("unflatten", (x, 0, tuple(site.view_shape))) for x in (q, k, v))
     elif site.layout is Layout.BATCHED:  # B*H batches of one head each
         q, k, v = (graph.call_method("unsqueeze", (x, 1)) for x in (q, k, v))
     return Operands(q, k, v, mask, scale)
+
+
+def _in_view(graph: fx.Graph, site: AttentionSite, mask: fx.Node) -> fx.Node:
+    """A mask of the ``[B*H, Lq, Lk]`` scores, for their ``[B, H, Lq, Lk]`` view."""
+    return graph.call_function(flat_mask_in_view, (mask, site.view_shape[1]))
 
 
 def emit_output(graph: fx.Graph, site: AttentionSite, out: fx.Node, operands: Operands) -> fx.Node:

@@ -77,6 +77,7 @@ class MaskTerm:
     node: fx.Node
     factors: tuple[Factor, ...] = ()
     fill: float = float("-inf")
+    flat: bool = False  # applied to [B*H, Lq, Lk] scores before their [B, H, Lq, Lk] view
 
 
 class EmptyRows(enum.Enum):

@@ -28,6 +28,10 @@ def tiny_model(arch: str, impl: str, seed: int = 0) -> torch.nn.Module:
                                          num_attention_heads=4, intermediate_size=128,
                                          max_position_embeddings=512, attn_implementation=impl)
         model = transformers.BertModel(config)
+    elif arch == "bloom":  # ALiBi through baddbmm on [B*H] scores, masks in a [B, H] view
+        config = transformers.BloomConfig(vocab_size=100, hidden_size=64, n_layer=LAYERS,
+                                          n_head=4, attn_implementation=impl)
+        model = transformers.BloomForCausalLM(config)
     elif arch == "deepseek_v32":
         # Dense MLPs in every layer (first_k_dense_replace): MoE routing would amplify 1e-7
         # differences into different experts.

@@ -54,6 +54,30 @@ def test_sites_found_exact_when_short_sparse_when_long(arch, impl):
         assert not torch.allclose(sparse, reference)  # 16 of 48 keys: it really is sparse
 
 
+@pytest.mark.parametrize("arch, impl", [("llama", "eager"), ("llama", "sdpa"), ("gpt2", "eager"),
+                                        ("bloom", "eager")])
+def test_later_tokens_never_change_earlier_outputs_at_topk_below_length(arch, impl):
+    """Causal HF models with left padding, a quarter of the keys selected per query: exact with
+    every key, and no output before position p moves when the tokens from p on change."""
+    model = tiny_model(arch, impl)
+    ids = torch.randint(0, 100, (2, 48))
+    mask = torch.ones(2, 48, dtype=torch.long)
+    mask[1, :6] = 0
+    options = {"mode": "eager", "min_seq_len": 0, "query_block": 1, "key_block": 0}
+    with torch.no_grad():
+        reference = first_output(model(ids, attention_mask=mask))
+        exact = torch.compile(model, backend="dsa", options={**options, "topk": 48})
+        torch.testing.assert_close(first_output(exact(ids, attention_mask=mask)), reference,
+                                   atol=2e-5, rtol=1e-4)
+        torch.compiler.reset()
+        sparse = torch.compile(model, backend="dsa", options={**options, "topk": 12})
+        out = first_output(sparse(ids, attention_mask=mask))
+        later = ids.clone()
+        later[:, 24:] = torch.randint(0, 100, (2, 24))
+        moved = first_output(sparse(later, attention_mask=mask))
+    torch.testing.assert_close(moved[:, 6:24], out[:, 6:24], atol=1e-5, rtol=0)
+
+
 def test_padding_mask_is_respected_by_the_sparse_path():
     """BERT with padding: padded keys must never be attended, dense or sparse."""
     model = tiny_model("bert", "sdpa")
