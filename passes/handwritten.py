@@ -177,8 +177,8 @@ def _is_batch_view(node: fx.Node, before: int, after: int) -> bool:
 
 def _batch_view_shape(steps: list[ScoreStep], probs_viewed_back: bool) -> tuple[Any, Any] | None:
     """``(B, H)`` when the ``[B*H, Lq, Lk]`` scores are viewed as ``[B, H, Lq, Lk]`` and back
-    (on the scores, or on the probabilities after the softmax: BLOOM), with no mask applied
-    after the way back; None without views. Masks before the first view are ``flat`` terms."""
+    (on the scores, or on the probabilities after the softmax: BLOOM); None without views.
+    Masks applied outside the ``[B, H]`` view are ``flat`` terms (split into it when lowered)."""
     views = [i for i, step in enumerate(steps) if step.kind == "view"]
     if not views and not probs_viewed_back:
         return None
@@ -187,8 +187,6 @@ def _batch_view_shape(steps: list[ScoreStep], probs_viewed_back: bool) -> tuple[
     if len(downs) != 1 or len(ups) != (0 if probs_viewed_back else 1) or \
             (ups and ups[0] < downs[0]):
         raise KeepDense("the scores are reshaped other than [B*H] -> [B, H] -> [B*H]")
-    if ups and any(step.kind in ("add", "fill") for step in steps[ups[0]:]):
-        raise KeepDense("a mask is applied after the scores are viewed back to [B*H]")
     view = steps[downs[0]].value
     shape = view.args[1] if len(view.args) == 2 else view.args[1:]
     if len(shape) != 4 or any(isinstance(d, int) and d < 0 for d in shape[:2]):
@@ -411,8 +409,8 @@ def normalise(steps: list[ScoreStep], safe_softmax: bool, score_dtype: torch.dty
     finite_fills: set[float] = set()
     flat = any(step.kind == "view" and step.value is not None for step in steps)
     for step in steps:
-        if step.kind == "view" and step.value is not None:
-            flat = False  # masks from here on are applied to the [B, H] view
+        if step.kind == "view":  # into the [B, H] view (value: the view node) or back out
+            flat = step.value is None
         elif step.kind == "scale":
             factors.append(step.value)
             terms = [dataclasses.replace(t, factors=(*t.factors, step.value))

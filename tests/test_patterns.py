@@ -154,6 +154,13 @@ def test_spelling(name):
         exact = torch.compile(module, backend="dsa", options={"topk": L, "mode": "eager"})
         torch.testing.assert_close(exact(x, mask), reference, atol=1e-5, rtol=1e-5)
         torch.compiler.reset()
+        # every key through the sparse ops (min_seq_len=0): the rewrite itself is exact
+        forced = torch.compile(module, backend="dsa", options={
+            "topk": L, "min_seq_len": 0, "mode": "eager", "query_block": 1, "key_block": 0})
+        with OpCounter() as counter:
+            torch.testing.assert_close(forced(x, mask), reference, atol=1e-5, rtol=1e-5)
+        assert counter.counts.get("dsa.sparse_attention") == 1
+        torch.compiler.reset()
         sparse = torch.compile(module, backend="dsa",
                                options={"topk": 8, "mode": "eager", "query_block": 1,
                                         "key_block": 0})
@@ -208,9 +215,9 @@ def test_an_added_matmul_of_another_length_keeps_the_site_dense():
     assert torch.isfinite(compiled(q, q, q, rel)).all()
 
 
-def test_masks_on_both_sides_of_a_batch_view_stay_dense():
-    """MBart adds its mask in a [B, H] view of [B*H] scores (rewritten, Inductor's pattern 24);
-    a second mask added in the [B*H] view cannot be placed in one SDPA mask: stays dense."""
+def test_masks_on_both_sides_of_a_batch_view_are_rewritten():
+    """MBart adds its mask in a [B, H] view of [B*H] scores (Inductor's pattern 24); a second
+    mask added back in the [B*H] view is split into the [B, H] view too: exact."""
 
     class TwoViews(nn.Module):
         def forward(self, q, k, v, mask4, mask3):
@@ -219,11 +226,14 @@ def test_masks_on_both_sides_of_a_batch_view_stay_dense():
             scores = scores.view(6, 6, 6) + mask3
             return torch.bmm(torch.softmax(scores, -1), v)
 
-    q = torch.randn(6, 6, 4)
-    report = dsa_compile.explain(TwoViews(), q, q, q, torch.randn(2, 1, 6, 6), torch.randn(6, 6, 6),
-                                 topk=2)
-    assert report.sites[0]["rewritten"] is False
-    assert "both sides" in report.sites[0]["reason"]
+    q, k, v = (torch.randn(6, 6, 4) for _ in range(3))
+    masks = torch.randn(2, 1, 6, 6), torch.randn(6, 6, 6)
+    report = dsa_compile.explain(TwoViews(), q, k, v, *masks, topk=2)
+    assert report.sites[0]["rewritten"] is True, report.sites[0]
+    forced = torch.compile(TwoViews(), backend="dsa", options={
+        "topk": 6, "min_seq_len": 0, "mode": "eager", "query_block": 1, "key_block": 0})
+    torch.testing.assert_close(forced(q, k, v, *masks), TwoViews()(q, k, v, *masks), atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_sdpa_on_repeated_kv_attends_to_the_kv_heads():
