@@ -350,9 +350,10 @@ def _walk_scores(node: fx.Node, depth: int = 0) -> ScoreChain:
             chain.nodes.append(node)
             return chain
         raise last_error or KeepDense("no matmul found above the softmax")
-    target = node.target if node.op != "placeholder" else "a graph input"
-    raise KeepDense(f"unsupported op {getattr(target, '__name__', target)!r} between q @ k^T "
-                    "and the softmax")
+    if node.op in ("placeholder", "get_attr"):
+        raise KeepDense(f"the softmax's scores come from {node.name}, not from a q @ k^T")
+    raise KeepDense(f"unsupported op {getattr(node.target, '__name__', node.target)!r} between "
+                    "q @ k^T and the softmax")
 
 
 def _walk_probs(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
