@@ -72,10 +72,10 @@ def mask_to_bias_and_visibility(
         )
     else:
         bias = mask
-        visible = mask > float("-inf")
+        visible = ~torch.isneginf(mask)  # NaN stays visible: it poisons the row, as in SDPA
         if not select_all:
             best = mask.amax(dim=-1, keepdim=True)
-            visible = visible & (mask >= best - MASKED_BIAS_MARGIN)
+            visible = visible & ((mask >= best - MASKED_BIAS_MARGIN) | mask.isnan())
     # A key may be selected when some head of the query may attend it.
     visible = visible.any(dim=1)  # [B|1, Lq|1, Lk|1]
     if visible.shape[1] == 1:

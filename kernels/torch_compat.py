@@ -15,7 +15,8 @@ NEG_INF = float("-inf")
 def _attention_math(q, k, v, mask, scale):
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     if mask is not None:
-        scores += mask
+        # -inf removes a key even where q . k is +-inf or NaN (an additive -inf would give NaN)
+        scores = (scores + mask).masked_fill(torch.isneginf(mask), NEG_INF)
     # Normalise by the row max and sum, not by exp(scores - lse): with a huge bias (finfo.min
     # padding) lse absorbs log(sum) and the probabilities would not sum to one.
     if scores.shape[-1] == 0:  # no keys: zeros and lse = -inf
@@ -45,6 +46,8 @@ def attention_with_lse(
     (``aten::_scaled_dot_product_flash_attention_for_cpu``, which SDPA itself dispatches to and
     which also returns the log-sum-exp); elsewhere a plain matmul-softmax-matmul.
     """
+    if use_flash and mask is not None and not bool(torch.isfinite(k).all()):
+        use_flash = False  # a non-finite key: removals must not turn into NaN (see the math path)
     if use_flash and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]:
         try:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(

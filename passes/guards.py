@@ -25,6 +25,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .graph_utils import is_call
 from .sites import AttentionSite, KeepDense, Layout, example_value
 
+SPARSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what dsa::sparse_attention takes
 _INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul,
                       operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
                       operator.iand, operator.ior, operator.ixor, operator.ilshift,
@@ -154,6 +155,9 @@ def check_operands(site: AttentionSite) -> None:
     if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
         raise KeepDense(f"q, k, v dtypes differ or are not float ({q.dtype}, {k.dtype}, "
                         f"{v.dtype}): the probabilities are cast before p @ v")
+    if q.dtype not in SPARSE_DTYPES:
+        raise KeepDense(f"q, k, v are {q.dtype}: the sparse ops take float32, float16 and "
+                        "bfloat16")
     rank = 4 if site.layout is Layout.BHLD else 3
     if not (q.dim() == k.dim() == v.dim() == rank):
         raise KeepDense(f"q, k, v ranks {q.dim()}, {k.dim()}, {v.dim()} (expected {rank})")

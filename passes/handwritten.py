@@ -42,8 +42,11 @@ from .sites import (
     TermKind,
 )
 
-# Fill values at or below this count as "masked out" (HF uses finfo.min, older code -1e4/-1e9).
+# Fill values at or below this count as "masked out" (HF uses finfo.min, older code -1e4/-1e9),
+# and stay masks while what scales them afterwards keeps them at or below SCALED_FILL_MAX
+# (e^-1000 is 0 in every float dtype next to any score within 900 of it).
 MASK_FILL_MAX = -1e4
+SCALED_FILL_MAX = -1e3
 
 
 @dataclass
@@ -402,12 +405,13 @@ def normalise(steps: list[ScoreStep], safe_softmax: bool, score_dtype: torch.dty
     Masks land in final-score units (an additive mask carries the factors applied after it).
     Fills: ``-inf`` removes keys; a finite fill at or below half the dtype's most negative
     number absorbs any score added to it, so it is exactly the additive bias ``where(keep, 0,
-    fill)``; another finite fill (-1e4, -1e9) removes keys too, and a row it masks entirely
-    computes the mean of v (every score equal), which the lowering restores.
+    fill)``; another finite fill (-1e4, -1e9) removes keys too, provided the numbers it is
+    scaled by afterwards keep it at or below -1e4, and a row it masks entirely computes the mean
+    of v (every score equal), which the lowering restores.
     """
     factors: list[Factor] = []
     terms: list[MaskTerm] = []
-    finite_fills: set[float] = set()
+    removing_fills: list[list[Any]] = []  # [fill, factors after it] of the finite fills
     flat = any(step.kind == "view" and step.value is not None for step in steps)
     for step in steps:
         if step.kind == "view":  # into the [B, H] view (value: the view node) or back out
@@ -416,16 +420,30 @@ def normalise(steps: list[ScoreStep], safe_softmax: bool, score_dtype: torch.dty
             factors.append(step.value)
             terms = [dataclasses.replace(t, factors=(*t.factors, step.value))
                      if t.kind is TermKind.ADD or math.isfinite(t.fill) else t for t in terms]
+            if not isinstance(step.value.value, (int, float)) and \
+                    any(t.kind is not TermKind.ADD and not math.isfinite(t.fill) for t in terms):
+                raise KeepDense("a mask fill is scaled afterwards by a value computed at run time "
+                                "(its sign and size decide what the fill means)")
+            for fill in removing_fills:
+                fill[1].append(step.value)
         elif step.kind == "add":
             terms.append(MaskTerm(TermKind.ADD, step.value, flat=flat))
         elif step.kind == "fill":
             kind = TermKind.KEEP if step.keep else TermKind.DROP
             if math.isfinite(step.fill) and step.fill > torch.finfo(score_dtype).min / 2:
-                finite_fills.add(step.fill)
+                removing_fills.append([step.fill, []])
                 terms.append(MaskTerm(kind, step.value, flat=flat))  # removes keys, see above
             else:
                 terms.append(MaskTerm(kind, step.value, fill=step.fill, flat=flat))
+    for fill, after in removing_fills:
+        scaled = fill
+        for factor in after:
+            scaled = scaled / factor.value if factor.reciprocal else scaled * factor.value
+        if scaled > SCALED_FILL_MAX:
+            raise KeepDense(f"the fill {fill:g} is scaled to {scaled:g} before the softmax: not "
+                            "surely a mask")
     empty_rows = EmptyRows.ZERO if safe_softmax else EmptyRows.NAN
+    finite_fills = {fill for fill, _ in removing_fills}
     if finite_fills:
         others = [t for t in terms if t.kind is TermKind.ADD or math.isfinite(t.fill)]
         if len(finite_fills) > 1 or others:

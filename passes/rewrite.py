@@ -131,6 +131,7 @@ def rewrite_sites(
     expand_multihead_attention(gm.graph)
     sites = find_sites(gm.graph)
     result = RewriteResult(gm, sites, [], {})
+    replaced: dict[fx.Node, fx.Node] = {}  # site outputs rewritten so far -> their new node
     for site in sites:
         if not site.rewritable:
             continue
@@ -138,7 +139,11 @@ def rewrite_sites(
         if why_not:
             site.keep_dense(why_not)
             continue
+        site.remap(replaced)
+        old = site.node
         _rewrite(gm, site, inputs, settings, result)
+        if site.node is not old:
+            replaced[old] = site.output
     gm.graph.lint()
     gm.recompile()
     return result
@@ -166,7 +171,7 @@ def _lower(graph: fx.Graph, site: AttentionSite, attention, *extra_args, **kwarg
         result = emit_output(graph, site, out, operands)
     site.node.replace_all_uses_with(result)
     graph.erase_node(site.node)
-    site.node = out
+    site.node, site.output = out, result
     _erase_unused(graph, site.owned)
 
 

@@ -9,6 +9,7 @@ path that turns it back into graph nodes.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 from dataclasses import dataclass, field
@@ -146,6 +147,7 @@ class AttentionSite:
     reason: str = ""
     index_init: str = ""
     granularity: str = ""
+    output: fx.Node | None = None  # after the rewrite: the node the site's users read
 
     @property
     def module_path(self) -> str:
@@ -163,6 +165,27 @@ class AttentionSite:
         if self.is_causal:
             return "causal" if base == "none" else f"causal + {base}"
         return base
+
+    def remap(self, replaced: dict[fx.Node, fx.Node]) -> None:
+        """Points every node reference at its replacement (another site's rewrite replaced a
+        node this site reads, e.g. one attention's output used as the next one's q)."""
+        if not replaced:
+            return
+
+        def new(value: Any) -> Any:
+            return replaced.get(value, value) if isinstance(value, fx.Node) else value
+
+        def new_factor(factor: Factor) -> Factor:
+            return dataclasses.replace(factor, value=new(factor.value))
+
+        self.q, self.k, self.v = new(self.q), new(self.k), new(self.v)
+        self.model_indices = new(self.model_indices)
+        self.scale = None if self.scale is None else [new_factor(f) for f in self.scale]
+        self.mask.terms = [dataclasses.replace(t, node=new(t.node),
+                                               factors=tuple(new_factor(f) for f in t.factors))
+                           for t in self.mask.terms]
+        if self.view_shape is not None:
+            self.view_shape = tuple(new(d) for d in self.view_shape)
 
     def keep_dense(self, reason: str) -> AttentionSite:
         self.rewritable = False

@@ -407,3 +407,67 @@ def test_one_kv_head_broadcast_by_matmul_is_mqa():
         return F.softmax(q @ k[:, :1].mT, -1) @ v[:, :1]
 
     assert_exact(mqa, *qkv(), rewritten=True)
+
+
+# Found by a red-team corpus ------------------------------------------------------------------
+def test_one_attention_output_feeding_the_next_site():
+    def chained(q, k, v):
+        first = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        second = F.scaled_dot_product_attention(first, k, v, is_causal=True)
+        return F.softmax(second @ k.mT / 4, -1) @ v
+
+    assert_exact(chained, *qkv(), rewritten=True)
+
+
+def test_float64_sites_stay_dense():
+    def causal(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v = (t.double() for t in qkv())
+    site = site_of(causal, q, k, v)
+    assert not site["rewritten"] and "float64" in site["reason"]
+    assert_exact(causal, q, k, v, rewritten=False)
+
+
+@pytest.mark.parametrize("fill, scale, rewritten", [(-1e9, 1e-9, False), (-1e4, 1e-3, False),
+                                                    (-1e9, 0.125, True), (-1e4, 0.125, True)])
+def test_a_fill_scaled_afterwards_must_stay_a_mask(fill, scale, rewritten):
+    def fill_then_scale(q, k, v):
+        return F.softmax((q @ k.mT).masked_fill(~CAUSAL, fill) * scale, -1) @ v
+
+    q, k, v = qkv()
+    assert site_of(fill_then_scale, q, k, v)["rewritten"] is rewritten
+    assert_exact(fill_then_scale, q, k, v, rewritten=rewritten)
+
+
+def test_a_fill_scaled_by_a_run_time_value_stays_dense():
+    def fill_then_tensor_scale(q, k, v, t):
+        return F.softmax((q @ k.mT).masked_fill(~CAUSAL, float("-inf")) * t, -1) @ v
+
+    q, k, v = qkv()
+    site = site_of(fill_then_tensor_scale, q, k, v, torch.tensor(-0.5))
+    assert not site["rewritten"] and "run time" in site["reason"]
+
+
+def test_nan_in_a_float_mask_poisons_like_sdpa():
+    mask = torch.zeros(L, L)
+    mask[:, 5] = float("nan")
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    assert_exact(sdpa, *qkv(), rewritten=True)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_non_finite_future_key_never_reaches_earlier_queries(value):
+    q, k, v = qkv()
+    k[:, :, 20, 0] = value
+
+    def causal(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    exact, _ = compiled(causal, q, k, v)
+    torch.testing.assert_close(exact, causal(q, k, v), atol=1e-5, rtol=1e-5, equal_nan=True)
+    sparse, _ = compiled(causal, q, k, v, topk=8)
+    assert not sparse[:, :, :20].isnan().any()
