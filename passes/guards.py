@@ -165,9 +165,10 @@ def check_operands(site: AttentionSite) -> None:
         raise KeepDense(f"q, k, v batch sizes {q.shape[0]}, {k.shape[0]}, {v.shape[0]} differ "
                         "(broadcast over the batch)")
     if rank == 4:
-        heads, kv_heads = q.shape[1], k.shape[1]
-        if not same_size(kv_heads, v.shape[1]) or not isinstance(heads, int) or \
-                not isinstance(kv_heads, int) or kv_heads == 0 or heads % kv_heads:
+        # Head counts are architecture, not data: specialising them (a guard under
+        # dynamic=True) costs nothing, and the indexer needs them as numbers.
+        heads, kv_heads = int(q.shape[1]), int(k.shape[1])
+        if not same_size(kv_heads, v.shape[1]) or kv_heads == 0 or heads % kv_heads:
             raise KeepDense(f"head counts q={heads}, k={kv_heads}, v={v.shape[1]} do not form "
                             "GQA")
         if heads != kv_heads and not site.enable_gqa:

@@ -541,8 +541,10 @@ def _match(site: AttentionSite, softmax: fx.Node, prob_nodes: list[fx.Node], v: 
 def _broadcast_kv_head(q: fx.Node, k: fx.Node, v: fx.Node) -> bool:
     """``q [B, H, L, D] @ k [B, 1, L, D]^T``: matmul broadcasts the one kv head (MQA)."""
     shapes = [tensor_value(x).shape if tensor_value(x) is not None else () for x in (q, k, v)]
-    return all(len(s) == 4 for s in shapes) and shapes[1][1] == shapes[2][1] == 1 and \
-        shapes[0][1] != 1
+    if not all(len(s) == 4 for s in shapes):
+        return False
+    heads = [int(s[1]) for s in shapes]  # architecture: specialised (see guards.check_operands)
+    return heads[1] == heads[2] == 1 and heads[0] != 1
 
 
 def _masked_dtype(chain: ScoreChain, default: torch.dtype) -> torch.dtype:

@@ -471,3 +471,17 @@ def test_a_non_finite_future_key_never_reaches_earlier_queries(value):
     torch.testing.assert_close(exact, causal(q, k, v), atol=1e-5, rtol=1e-5, equal_nan=True)
     sparse, _ = compiled(causal, q, k, v, topk=8)
     assert not sparse[:, :, :20].isnan().any()
+
+
+def test_dynamic_shapes_keep_sites_rewritten():
+    """dynamic=True makes head counts symbolic: they are specialised (architecture), the site
+    is rewritten, and stays exact at two lengths."""
+    def plain(q, k, v):
+        return F.softmax(q @ k[:, :1].mT / 4, -1) @ v[:, :1]
+
+    model = torch.compile(Fn(plain), backend="dsa", dynamic=True, options={**FORCED, "topk": 64})
+    for n in (40, 56):
+        q, k, v = qkv(n, n)
+        with OpCounter() as counter:
+            torch.testing.assert_close(model(q, k, v), plain(q, k, v), atol=2e-5, rtol=1e-5)
+        assert counter.counts.get("dsa.sparse_attention") == 1
