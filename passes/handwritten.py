@@ -89,9 +89,18 @@ def scale_factor(value: Any, reciprocal: bool = False) -> Factor:
 
 
 def step_cast(node: fx.Node) -> tuple[fx.Node, ScoreStep] | None:
-    if op(node) == "cast" and isinstance(node.args[0], fx.Node):
+    """A cast (checked by guards.check_lossless_casts), or a view to the same shape (Falcon)."""
+    if (op(node) == "cast" or _same_shape_view(node)) and isinstance(node.args[0], fx.Node):
         return node.args[0], ScoreStep("cast", node)
     return None
+
+
+def _same_shape_view(node: fx.Node) -> bool:
+    if op(node) != "view" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    before, after = tensor_value(node.args[0]), tensor_value(node)
+    return before is not None and after is not None and before.dim() == after.dim() and \
+        all(guards.same_size(a, b) for a, b in zip(before.shape, after.shape, strict=True))
 
 
 def step_scale_mul(node: fx.Node) -> tuple[fx.Node, ScoreStep] | None:
@@ -368,7 +377,8 @@ def _walk_probs(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
             p, training = arg(node, 1, "p", 0.5), arg(node, 2, "training", True)
             if p != 0 and training is not False:
                 raise KeepDense(f"dropout(p={p}) in training mode")
-        elif op(node) != "cast" and not _is_batch_view(node, 4, 3):
+        elif op(node) != "cast" and not _is_batch_view(node, 4, 3) and \
+                not _same_shape_view(node):
             raise KeepDense("the PV matmul's first operand is not a softmax")
         passed.append(node)
         node = node.args[0]
@@ -501,7 +511,8 @@ def _match(site: AttentionSite, softmax: fx.Node, prob_nodes: list[fx.Node], v: 
     if scores_value is None or not scores_value.dtype.is_floating_point:
         raise KeepDense("q @ k^T has no recorded floating dtype")
     steps = pre_steps + chain.steps
-    site.view_shape = _batch_view_shape(chain.steps, any(op(n) == "view" for n in prob_nodes))
+    site.view_shape = _batch_view_shape(chain.steps,
+                                        any(_is_batch_view(n, 4, 3) for n in prob_nodes))
     softmax_dtype = tensor_value(softmax).dtype
     guards.check_lossless_casts([softmax], tensor_value(softmax.args[0]).dtype,
                                 what="scores (by the softmax's dtype)")
@@ -529,7 +540,7 @@ def _match(site: AttentionSite, softmax: fx.Node, prob_nodes: list[fx.Node], v: 
         owned += [k, v]
         k, v = k_source, v_source
     site.q, site.k, site.v = q, k, v
-    site.enable_gqa = (k_repeated and v_repeated) or _broadcast_kv_head(q, k, v)
+    site.enable_gqa = (k_repeated and v_repeated) or broadcast_kv_head(q, k, v)
     site.layout = Layout.BHLD if rank(q) == 4 else \
         Layout.BATCH_VIEW if site.view_shape is not None else Layout.BATCHED
     guards.check_operands(site)
@@ -538,7 +549,7 @@ def _match(site: AttentionSite, softmax: fx.Node, prob_nodes: list[fx.Node], v: 
     guards.check_no_mutation(site.node.graph, site.span, site.node, chain_nodes[:-1])
 
 
-def _broadcast_kv_head(q: fx.Node, k: fx.Node, v: fx.Node) -> bool:
+def broadcast_kv_head(q: fx.Node, k: fx.Node, v: fx.Node) -> bool:
     """``q [B, H, L, D] @ k [B, 1, L, D]^T``: matmul broadcasts the one kv head (MQA)."""
     shapes = [tensor_value(x).shape if tensor_value(x) is not None else () for x in (q, k, v)]
     if not all(len(s) == 4 for s in shapes):

@@ -18,7 +18,7 @@ from torch import fx
 from . import guards
 from .causal_mask import causal_mask_as_flag
 from .graph_utils import is_scalar
-from .handwritten import match_matmul_softmax_matmul, unrepeat
+from .handwritten import broadcast_kv_head, match_matmul_softmax_matmul, unrepeat
 from .model_indexer import use_model_indexer
 from .multihead import bound_arguments, why_opaque
 from .sites import (
@@ -91,6 +91,8 @@ def _check_sdpa(site: AttentionSite, args: dict[str, Any]) -> None:
     q, k = example_value(site.q), example_value(site.k)
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k)):
         raise KeepDense("q, k, v are not all rank-4 [B, H, L, D] tensors")
+    if not site.enable_gqa and broadcast_kv_head(site.q, site.k, site.v):
+        site.enable_gqa = True  # SDPA broadcasts one kv head over the query heads: MQA
     guards.check_operands(site)
     guards.check_no_autocast([(site.node, site.q)])
     if mask is not None:

@@ -32,6 +32,13 @@ def tiny_model(arch: str, impl: str, seed: int = 0) -> torch.nn.Module:
         config = transformers.BloomConfig(vocab_size=100, hidden_size=64, n_layer=LAYERS,
                                           n_head=4, attn_implementation=impl)
         model = transformers.BloomForCausalLM(config)
+    elif arch == "falcon":  # eager: ALiBi, scores scaled in place; sdpa: one kv head (MQA)
+        config = transformers.FalconConfig(vocab_size=100, hidden_size=64, num_hidden_layers=LAYERS,
+                                           num_attention_heads=4, alibi=impl == "eager",
+                                           multi_query=impl == "sdpa",
+                                           new_decoder_architecture=False,
+                                           attn_implementation=impl)
+        model = transformers.FalconForCausalLM(config)
     elif arch == "deepseek_v32":
         # Dense MLPs in every layer (first_k_dense_replace): MoE routing would amplify 1e-7
         # differences into different experts.

@@ -55,7 +55,7 @@ def test_sites_found_exact_when_short_sparse_when_long(arch, impl):
 
 
 @pytest.mark.parametrize("arch, impl", [("llama", "eager"), ("llama", "sdpa"), ("gpt2", "eager"),
-                                        ("bloom", "eager")])
+                                        ("bloom", "eager"), ("falcon", "eager"), ("falcon", "sdpa")])
 def test_later_tokens_never_change_earlier_outputs_at_topk_below_length(arch, impl):
     """Causal HF models with left padding, a quarter of the keys selected per query: exact with
     every key, and no output before position p moves when the tokens from p on change."""
@@ -64,6 +64,8 @@ def test_later_tokens_never_change_earlier_outputs_at_topk_below_length(arch, im
     mask = torch.ones(2, 48, dtype=torch.long)
     mask[1, :6] = 0
     options = {"mode": "eager", "min_seq_len": 0, "query_block": 1, "key_block": 0}
+    report = dsa_compile.explain(model, ids, topk=12, min_seq_len=0)
+    assert len(report.rewritten) == LAYERS, report.table()
     with torch.no_grad():
         reference = first_output(model(ids, attention_mask=mask))
         exact = torch.compile(model, backend="dsa", options={**options, "topk": 48})
