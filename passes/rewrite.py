@@ -167,8 +167,13 @@ def _lower(graph: fx.Graph, site: AttentionSite, attention, *extra_args, **kwarg
                                                    operands.attn_mask, *extra_args),
                                   kwargs=dict(is_causal=site.is_causal, scale=operands.scale,
                                               enable_gqa=site.enable_gqa, **kwargs))
-        out.meta.update(site.node.meta)
         result = emit_output(graph, site, out, operands)
+    # The node users read stands for the site's value (a later site may read its shape); the
+    # attention call keeps the module path only when the layout differs.
+    result.meta.update(site.node.meta)
+    if out is not result:
+        out.meta.update({k: v for k, v in site.node.meta.items()
+                         if k not in ("example_value", "val", "tensor_meta")})
     site.node.replace_all_uses_with(result)
     graph.erase_node(site.node)
     site.node, site.output = out, result

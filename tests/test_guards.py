@@ -419,6 +419,16 @@ def test_one_attention_output_feeding_the_next_site():
     assert_exact(chained, *qkv(), rewritten=True)
 
 
+def test_a_restored_output_feeding_the_next_site():
+    """The first site's output goes through a restore of fully masked rows (NaN): the node the
+    second site reads carries the first site's shape."""
+    def chained(q, k, v):
+        first = F.softmax((q @ k.mT / 4).masked_fill(~CAUSAL, float("-inf")), -1) @ v
+        return F.softmax((first @ k.mT / 4).masked_fill(~CAUSAL.T, float("-inf")), -1) @ v
+
+    assert_exact(chained, *qkv(), rewritten=True)
+
+
 def test_float64_sites_stay_dense():
     def causal(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
