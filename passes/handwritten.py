@@ -416,7 +416,7 @@ def normalise(steps: list[ScoreStep], safe_softmax: bool, score_dtype: torch.dty
     Fills: ``-inf`` removes keys; a finite fill at or below half the dtype's most negative
     number absorbs any score added to it, so it is exactly the additive bias ``where(keep, 0,
     fill)``; another finite fill (-1e4, -1e9) removes keys too, provided the numbers it is
-    scaled by afterwards keep it at or below -1e4, and a row it masks entirely computes the mean
+    scaled by afterwards keep it at or below ``SCALED_FILL_MAX``, and a row it masks entirely computes the mean
     of v (every score equal), which the lowering restores.
     """
     factors: list[Factor] = []
