@@ -368,23 +368,28 @@ def _walk_scores(node: fx.Node, depth: int = 0) -> ScoreChain:
                     "q @ k^T and the softmax")
 
 
-def _walk_probs(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-    """From the PV matmul's first operand up to the softmax, through casts and eval dropout
-    (listed from the softmax down)."""
-    passed = []
+def _walk_probs(node: fx.Node) -> tuple[fx.Node, list[fx.Node], str | None]:
+    """From the PV matmul's first operand up to the softmax, through casts, views and dropout:
+    ``(softmax, the nodes passed from the softmax down, why it must stay dense or None)``.
+    Raises :class:`NotAttention` when no softmax is there."""
+    passed, why = [], None
     while op(node) != "softmax":
         if op(node) == "dropout":
             p, training = arg(node, 1, "p", 0.5), arg(node, 2, "training", True)
             if p != 0 and training is not False:
-                raise KeepDense(f"dropout(p={p}) in training mode")
+                why = f"dropout(p={p}) in training mode on the probabilities"
         elif op(node) != "cast" and not _is_batch_view(node, 4, 3) and \
                 not _same_shape_view(node):
-            raise KeepDense("the PV matmul's first operand is not a softmax")
+            raise NotAttention
         passed.append(node)
         node = node.args[0]
         if not isinstance(node, fx.Node):
-            raise KeepDense("the PV matmul's first operand is not a softmax")
-    return node, passed[::-1]
+            raise NotAttention
+    return node, passed[::-1], why
+
+
+class NotAttention(Exception):
+    """The matmul's first operand does not come from a softmax: an ordinary matmul."""
 
 
 def _einsum_operands(node: fx.Node, kind: str) -> tuple[fx.Node, fx.Node] | None:
@@ -416,8 +421,8 @@ def normalise(steps: list[ScoreStep], safe_softmax: bool, score_dtype: torch.dty
     Fills: ``-inf`` removes keys; a finite fill at or below half the dtype's most negative
     number absorbs any score added to it, so it is exactly the additive bias ``where(keep, 0,
     fill)``; another finite fill (-1e4, -1e9) removes keys too, provided the numbers it is
-    scaled by afterwards keep it at or below ``SCALED_FILL_MAX``, and a row it masks entirely computes the mean
-    of v (every score equal), which the lowering restores.
+    scaled by afterwards keep it at or below ``SCALED_FILL_MAX``, and a row it masks entirely
+    computes the mean of v (every score equal), which the lowering restores.
     """
     factors: list[Factor] = []
     terms: list[MaskTerm] = []
@@ -474,11 +479,13 @@ def match_matmul_softmax_matmul(node: fx.Node) -> AttentionSite | None:
     if pv is None or not isinstance(pv[0], fx.Node) or rank(node) not in (3, 4):
         return None
     try:
-        softmax, prob_nodes = _walk_probs(pv[0])
-    except KeepDense:
-        return None  # not attention at all: an ordinary matmul
+        softmax, prob_nodes, why_dense = _walk_probs(pv[0])
+    except NotAttention:
+        return None
     site = AttentionSite(node=node, pattern="matmul_softmax_matmul")
     try:
+        if why_dense:
+            raise KeepDense(why_dense)
         _match(site, softmax, prob_nodes, pv[1])
     except KeepDense as err:
         return site.keep_dense(str(err))
