@@ -150,11 +150,10 @@ def dsa_attention(
     k_idx = k_flat @ k_proj
     weights = head_weights.expand(batch, lq, index_heads)
     bias, visible = mask_to_bias_and_visibility(attn_mask, batch, lq, lk, select_all)
-    if bias is not None and not select_all and query_block > 1:
+    if bias is not None and not select_all and query_block > 1 and visible.dim() == 3:
         # A tile shares one selection: a key masked out for one query may be chosen for another
         # of its tile; it must not carry that query's (finite, tiny) weight.
-        bias = bias.masked_fill(~visible[:, None], float("-inf")) if visible.dim() == 3 \
-            else bias
+        bias = bias.masked_fill(~visible[:, None], float("-inf"))
     indices = indexer_topk(q_idx, k_idx, weights, topk, is_causal, 0, visible, query_block,
                            key_block, candidate_blocks)
     if _capture is not None:
