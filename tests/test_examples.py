@@ -40,8 +40,9 @@ def test_compile_hf_model():
 
 def test_explain_sites():
     report = load("explain_sites").main()
-    assert [s["rewritten"] for s in report.sites] == [True, False]
-    assert "soft-capping" in report.sites[1]["reason"]
+    assert [s["rewritten"] for s in report.sites] == [True, True, False, False]
+    assert "soft-capping" in report.sites[2]["reason"]
+    assert "in place by setitem" in report.sites[3]["reason"]
 
 
 def test_benchmark_prefill(monkeypatch):
