@@ -46,9 +46,10 @@ def attention_with_lse(
     (``aten::_scaled_dot_product_flash_attention_for_cpu``, which SDPA itself dispatches to and
     which also returns the log-sum-exp); elsewhere a plain matmul-softmax-matmul.
     """
-    if use_flash and mask is not None and not bool(torch.isfinite(k).all()):
-        use_flash = False  # a non-finite key: removals must not turn into NaN (see the math path)
-    if use_flash and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]:
+    flash = use_flash and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
+    if flash and mask is not None and not bool(torch.isfinite(k).all()):
+        flash = False  # a non-finite key: removals must not turn into NaN (see the math path)
+    if flash:
         try:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, attn_mask=mask, scale=scale
