@@ -103,3 +103,18 @@ def op(node: Any) -> str | None:
         return _CANONICAL.get(node.target)
     except TypeError:  # an unhashable target
         return None
+
+
+def emit(graph: fx.Graph, meta: dict, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+    """A new call node (a function, or a method name) whose example value is the call run on
+    the arguments' example values (Dynamo's fake tensors), so later matchers can read it."""
+    values = fx.node.map_arg(args, example_value), fx.node.map_arg(kwargs, example_value)
+    if isinstance(target, str):
+        node = graph.call_method(target, args, kwargs)
+        value = getattr(values[0][0], target)(*values[0][1:], **values[1])
+    else:
+        node = graph.call_function(target, args, kwargs)
+        value = target(*values[0], **values[1])
+    node.meta.update(meta)
+    node.meta["example_value"] = value
+    return node

@@ -401,6 +401,10 @@ def _einsum_operands(node: fx.Node, kind: str) -> tuple[fx.Node, fx.Node] | None
         return None
     inputs, output = equation.split("->")
     left, right = inputs.split(",")
+    if all(x.startswith("...") for x in (left, right, output)):  # shared leading batch dims
+        left, right, output = left[3:], right[3:], output[3:]
+    if "." in left + right + output:
+        return None
     if not (len(left) == len(right) == len(output) and left[:-2] == right[:-2] == output[:-2]):
         return None
     if len(set(left)) != len(left) or len(set(right)) != len(right):

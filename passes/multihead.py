@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .graph_utils import emit
 from .sites import example_value
 
 _SIGNATURE = inspect.signature(F.multi_head_attention_forward)
@@ -97,15 +98,6 @@ def mha_output(attention: torch.Tensor, out_proj_weight: torch.Tensor,
     return F.linear(out, out_proj_weight, out_proj_bias).view(tgt_len, batch, -1)
 
 
-def _call(graph: fx.Graph, meta: dict, fn: Any, *args: Any, **kwargs: Any) -> fx.Node:
-    """A call node whose example value is ``fn`` run on the arguments' example values."""
-    node = graph.call_function(fn, args, kwargs)
-    node.meta.update(meta)
-    node.meta["example_value"] = fn(*fx.node.map_arg(args, example_value),
-                                    **fx.node.map_arg(kwargs, example_value))
-    return node
-
-
 def expand_multihead_attention(graph: fx.Graph) -> None:
     """Replaces each expandable ``F.multi_head_attention_forward`` call (see the module doc)."""
     for node in list(graph.nodes):
@@ -122,15 +114,15 @@ def expand_multihead_attention(graph: fx.Graph) -> None:
         mask = None if causal else args["attn_mask"]
         meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
         with graph.inserting_before(node):
-            operands = _call(graph, meta, mha_operands, args["query"], args["key"],
+            operands = emit(graph, meta, mha_operands, args["query"], args["key"],
                              args["value"], args["num_heads"], args["in_proj_weight"],
                              args["in_proj_bias"], args["key_padding_mask"], mask)
-            q, k, v = (_call(graph, meta, operator.getitem, operands, i) for i in range(3))
+            q, k, v = (emit(graph, meta, operator.getitem, operands, i) for i in range(3))
             attn_mask = None if mask is None and args["key_padding_mask"] is None else \
-                _call(graph, meta, operator.getitem, operands, 3)
-            attention = _call(graph, meta, F.scaled_dot_product_attention, q, k, v,
+                emit(graph, meta, operator.getitem, operands, 3)
+            attention = emit(graph, meta, F.scaled_dot_product_attention, q, k, v,
                               attn_mask=attn_mask, dropout_p=0.0, is_causal=causal)
-            out = _call(graph, meta, mha_output, attention, args["out_proj_weight"],
+            out = emit(graph, meta, mha_output, attention, args["out_proj_weight"],
                         args["out_proj_bias"])
         for user in users:
             if user.args[1] == 0:

@@ -16,6 +16,7 @@ import torch
 from torch import fx
 
 from ..kernels.attention import dsa_attention, granularity, indexed_attention
+from .einsum import canonical_einsums
 from .guards import mutated_inputs
 from .indexer_init import find_projection_weight, initial_indexer
 from .lower import emit_operands, emit_output
@@ -129,6 +130,7 @@ def rewrite_sites(
     inputs = {n: inputs_by_name[n.name] for n in gm.graph.nodes
               if n.op == "placeholder" and n.name in inputs_by_name}
     expand_multihead_attention(gm.graph)
+    canonical_einsums(gm.graph)
     sites = find_sites(gm.graph)
     result = RewriteResult(gm, sites, [], {})
     replaced: dict[fx.Node, fx.Node] = {}  # site outputs rewritten so far -> their new node

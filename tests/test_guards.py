@@ -495,3 +495,35 @@ def test_dynamic_shapes_keep_sites_rewritten():
         with OpCounter() as counter:
             torch.testing.assert_close(model(q, k, v), plain(q, k, v), atol=2e-5, rtol=1e-5)
         assert counter.counts.get("dsa.sparse_attention") == 1
+
+
+@pytest.mark.parametrize("qk_eq, pv_eq, layout", [
+    ("bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd", "blhd"),
+    ("bhqd,bhkd->bhqk", "bhqk,bhkd->bqhd", "bhld"),
+    ("...qd,...kd->...qk", "...qk,...kd->...qd", "bhld"),
+    ("bhqd,bhdk->bhqk", "bhqk,bhkd->bhqd", "bhld-kT"),
+], ids=["blhd", "output-permuted", "ellipsis", "k-transposed"])
+def test_einsum_layouts_are_rewritten_exactly(qk_eq, pv_eq, layout):
+    """Einsums in any operand layout (passes/einsum.py brings them to the canonical one)."""
+    def einsum_attention(q, k, v):
+        if layout == "blhd":
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if layout == "bhld-kT":
+            k = k.transpose(-1, -2).contiguous()
+        s = torch.einsum(qk_eq, q, k) / 4
+        if s.shape[-1] == s.shape[-2]:
+            s = s.masked_fill(~CAUSAL, float("-inf"))
+        return torch.einsum(pv_eq, torch.softmax(s, -1), v)
+
+    q, k, v = qkv()
+    assert site_of(einsum_attention, q, k, v)["rewritten"]
+    assert_exact(einsum_attention, q, k, v, rewritten=True)
+
+
+def test_einsum_softmax_over_queries_stays_dense():
+    def over_queries(q, k, v):
+        s = torch.einsum("bhqd,bhkd->bhkq", q, k)  # keys as rows: softmax runs over queries
+        return torch.einsum("bhkq,bhqd->bhkd", torch.softmax(s, -1), v)
+
+    q, k, v = qkv()
+    assert_exact(over_queries, q, k, v, rewritten=False)
