@@ -46,7 +46,11 @@ def attention_with_lse(
     (``aten::_scaled_dot_product_flash_attention_for_cpu``, which SDPA itself dispatches to and
     which also returns the log-sum-exp); elsewhere a plain matmul-softmax-matmul.
     """
-    flash = use_flash and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
+    # Rank-3 masks (every masked chunk of the sparse op) stay on the math path: the fused kernel
+    # takes ranks 2 and 4 only, and broadcasting them to rank 4 crashed the process (SIGFPE,
+    # torch 2.13, tests/test_sparse_attention.py::test_half_precision_inputs).
+    flash = use_flash and q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and \
+        (mask is None or mask.dim() in (2, 4))
     if flash and mask is not None and not bool(torch.isfinite(k).all()):
         flash = False  # a non-finite key: removals must not turn into NaN (see the math path)
     if flash:
