@@ -501,7 +501,6 @@ def _match(site: AttentionSite, softmax: fx.Node, prob_nodes: list[fx.Node], v: 
     if dim != rank(softmax) - 1:
         raise KeepDense("softmax is not over the last (key) dim")
     chain = _walk_scores(softmax.args[0])
-    site.scores = chain.qk
     owned: list[fx.Node] = []
     qk = _einsum_operands(chain.qk, "qk")
     pre_steps: list[ScoreStep] = []
@@ -556,8 +555,8 @@ def _match(site: AttentionSite, softmax: fx.Node, prob_nodes: list[fx.Node], v: 
         Layout.BATCH_VIEW if site.view_shape is not None else Layout.BATCHED
     guards.check_operands(site)
     site.owned = [*chain_nodes[:-1], *owned]
-    site.span = min(site.owned, key=_position(site.node.graph))
-    guards.check_no_mutation(site.node.graph, site.span, site.node, chain_nodes[:-1])
+    first = min(site.owned, key=_position(site.node.graph))  # the site reads its operands here
+    guards.check_no_mutation(site.node.graph, first, site.node, chain_nodes[:-1])
 
 
 def broadcast_kv_head(q: fx.Node, k: fx.Node, v: fx.Node) -> bool:

@@ -122,9 +122,8 @@ class AttentionSite:
 
     ``node`` is the node whose value is the attention output; ``q``, ``k``, ``v`` the operands
     (kv before any GQA repetition when ``enable_gqa``); ``scale`` the factors of the score scale
-    (None: SDPA's default ``D ** -0.5``); ``owned`` the nodes only this site reads (erased after
-    the rewrite); ``span`` the first node whose value the site's operands stand for (no in-place
-    op may run between it and ``node``).
+    (None: SDPA's default ``D ** -0.5``); ``owned`` the nodes the site's operands stand in for
+    (erased after the rewrite once nothing reads them).
     """
 
     node: fx.Node
@@ -138,9 +137,7 @@ class AttentionSite:
     enable_gqa: bool = False
     layout: Layout = Layout.BHLD
     view_shape: tuple[Any, Any] | None = None  # (B, H) of a BATCH_VIEW layout
-    scores: fx.Node | None = None  # the node computing q @ k^T (hand-written sites)
     owned: list[fx.Node] = field(default_factory=list)
-    span: fx.Node | None = None
     model_indices: fx.Node | None = None
     tags: list[Refinement] = field(default_factory=list)
     rewritable: bool = True
