@@ -80,7 +80,8 @@ def check_exclusive(chain: list[fx.Node]) -> None:
         writers = [u for u in others if node in mutated_inputs(u)]
         if writers:
             raise KeepDense(f"the attention scores ({node.name}) are changed in place by "
-                            f"{_op_name(writers[0])} outside the matched chain")
+                            f"{_op_name(writers[0])} outside the matched chain (assign the "
+                            "out-of-place result instead, e.g. s = s.masked_fill(...))")
         raise KeepDense(f"the attention scores or probabilities ({node.name}) are used elsewhere "
                         f"({others[0].name}: e.g. output_attentions, a shared q @ k^T)")
 
