@@ -5,19 +5,28 @@ are registered as ``torch.ops.dsa.*`` on import and exposed here as Python funct
 """
 
 from ._version import __version__
+from .adapter import load_adapter, save_adapter
 from .api import ExplainReport, compile, explain
 from .config import DSAConfig, DSAConfigError
 from .export import export
 from .kernels import DSAInputError, indexer_scores, indexer_topk, sparse_attention
+from .ownership import DSAAdapterError, attach, detach
+from .passes.indexers import DSAIndexer
 
 __all__ = [
+    "DSAAdapterError",
     "DSAConfig",
     "DSAConfigError",
+    "DSAIndexer",
     "DSAInputError",
     "ExplainReport",
+    "attach",
     "compile",
+    "detach",
     "explain",
     "export",
+    "load_adapter",
+    "save_adapter",
     "__version__",
     "indexer_scores",
     "indexer_topk",

@@ -14,8 +14,11 @@ from .passes.rewrite import RewriteResult
 
 
 def compile(model: torch.nn.Module, config: DSAConfig | None = None, **options: Any):
-    """``torch.compile(model, backend="dsa")`` with a :class:`DSAConfig` and/or its fields."""
-    return torch.compile(model, backend=make_backend(resolve_config(config, options)))
+    """``torch.compile(model, backend="dsa", options=options)``, or with a whole
+    :class:`DSAConfig` (then the model's attached options are not consulted)."""
+    backend = make_backend(resolve_config(config, options) if config is not None else options,
+                           attach=True, root=model)
+    return torch.compile(model, backend=backend)
 
 
 @dataclass
@@ -63,10 +66,20 @@ def explain(model: torch.nn.Module, *example_inputs: Any, config: DSAConfig | No
             **options: Any) -> ExplainReport:
     """Runs ``model(*example_inputs)`` once under the dsa pass (eager) and reports its sites.
 
-    The model is compiled through a fresh entry function with static shapes: the caller's
-    compiled models keep their compiled code, and the report describes exactly these inputs.
+    The model is not changed: its attached indexers are used, sites without one get a
+    training-free indexer that lives only for the report. Options apply over the model's
+    attached options (``model.dsa_config``) when it has them.
     """
-    config = resolve_config(config, options).replace(mode="eager")
+    base = getattr(model, "dsa_config", None) if config is None else config
+    return capture(model, example_inputs, resolve_config(base, options), attach=False)
+
+
+def capture(model: torch.nn.Module, example_inputs: tuple, config: DSAConfig, attach: bool
+            ) -> ExplainReport:
+    """One eager run of ``model(*example_inputs)`` under the pass, compiled through a fresh
+    entry function with static shapes (the caller's compiled models keep their compiled code);
+    ``attach``: new indexers are registered in the model."""
+    config = config.replace(mode="eager")
     report = ExplainReport()
     graphs = 0
 
@@ -75,7 +88,8 @@ def explain(model: torch.nn.Module, *example_inputs: Any, config: DSAConfig | No
         graphs += 1
         report.sites.extend(site.summary() for site in result.sites)
 
-    compiled = compile_isolated(model, backend=make_backend(config, record), dynamic=False)
+    backend = make_backend(config, record, attach=attach, root=model)
+    compiled = compile_isolated(model, backend=backend, dynamic=False)
     with torch.no_grad():
         compiled(*example_inputs)
     if not graphs:

@@ -1,8 +1,15 @@
-"""User configuration of the dsa compiler: one frozen dataclass, built from ``options=``."""
+"""User configuration of the dsa compiler: one frozen dataclass, built from ``options=``.
+
+A leaf module: the API builds a :class:`DSAConfig`, the pass and the ops read it (the pass
+takes the object itself; the ops take its fields as arguments), adapters store it as json.
+It imports nothing from the package, so every layer may import it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -36,6 +43,8 @@ class DSAConfig:
       (the Triton indexer scores every key; see BENCHMARKS.md).
     - ``mode``: ``"inductor"`` compiles the rewritten graph, ``"eager"`` runs it as is
       (debugging; no compile cost).
+    - ``adapter``: a directory written by ``dsa_compile.save_adapter``; ``torch.compile`` loads
+      it into the model at the first capture (as ``dsa_compile.load_adapter`` does).
     """
 
     topk: int = 2048
@@ -48,6 +57,7 @@ class DSAConfig:
     key_block: int | None = None
     candidate_blocks: int = 0
     mode: str = "inductor"
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         for name, low in _INT_OPTIONS.items():
@@ -69,6 +79,11 @@ class DSAConfig:
                 raise DSAConfigError(f"option {name!r} must be a string or a list of strings, "
                                      f"got {value!r}")
             object.__setattr__(self, name, patterns)
+        if self.adapter is not None:
+            if not isinstance(self.adapter, (str, os.PathLike)):
+                raise DSAConfigError(f"option 'adapter' must be a directory path, got "
+                                     f"{self.adapter!r}")
+            object.__setattr__(self, "adapter", os.fspath(self.adapter))
 
     @property
     def dense_up_to(self) -> int:
@@ -92,6 +107,43 @@ class DSAConfig:
         """A copy with ``changes`` applied (checked like :meth:`from_options`)."""
         _check_names(changes)
         return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-able (tuples as lists)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DSAConfig:
+        """The inverse of :meth:`to_dict` (unknown names are an error, missing ones default)."""
+        return cls.from_options(dict(data))
+
+    def selects(self, module_path: str) -> str | None:
+        """None when the site at ``module_path`` may be rewritten, else why not."""
+        if self.include and not any(fnmatch.fnmatch(module_path, p) for p in self.include):
+            return f"not matched by include={list(self.include)}"
+        for pattern in self.exclude:
+            if fnmatch.fnmatch(module_path, pattern):
+                return f"excluded by {pattern!r}"
+        return None
+
+    def granularity(self, device_type: str) -> tuple[int, int]:
+        """``(query_block, key_block)`` on ``device_type``, unset fields from the device's
+        defaults (:data:`DEVICE_GRANULARITY`)."""
+        return device_granularity(device_type, self.query_block, self.key_block)
+
+
+# Selection granularity (query_block, key_block) when the config leaves it to the device: what
+# measured fastest at long context (CPU: benchmarks/results/cpu_ops.md; CUDA: BENCHMARKS.md).
+# The one place per-device defaults live; the ops resolve ``None`` through it at run time.
+DEVICE_GRANULARITY = {"cpu": (128, 64), "cuda": (64, 0)}
+
+
+def device_granularity(device_type: str, query_block: int | None, key_block: int | None
+                       ) -> tuple[int, int]:
+    """``(query_block, key_block)`` with ``None`` replaced by ``device_type``'s default."""
+    qb, kb = DEVICE_GRANULARITY.get(device_type, DEVICE_GRANULARITY["cpu"])
+    return (qb if query_block is None else query_block, kb if key_block is None else key_block)
 
 
 def resolve_config(config: Mapping[str, Any] | DSAConfig | None, options: Mapping[str, Any]) -> DSAConfig:

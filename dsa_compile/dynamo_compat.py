@@ -57,3 +57,22 @@ def compile_isolated(model: Callable, **compile_kwargs: Any) -> Callable:
     if _has_isolate_recompiles():
         compile_kwargs.setdefault("isolate_recompiles", True)
     return torch.compile(fresh_entry(model), **compile_kwargs)
+
+
+def traced_locals() -> dict[str, Any]:
+    """The local variables of the frame Dynamo is compiling now (``self``: the module whose
+    ``forward`` it traces), or ``{}`` outside a compile.
+
+    Called by a backend: the module paths of ``nn_module_stack`` are relative to these locals
+    (``L['self'].layers[0].self_attn``), and the backend needs the module objects to register
+    indexers in them. Dynamo offers no public way to reach them: this is the one place the
+    package reads Dynamo's current instruction translator, and it degrades to ``{}`` (indexers
+    then stay inside the compiled graph) if a torch release moves it.
+    """
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator  # private: wrapped here
+
+        tx = InstructionTranslator.current_tx()
+        return dict(tx.f_locals) if tx is not None else {}
+    except Exception:  # noqa: BLE001 - any change of the private API means "not available"
+        return {}

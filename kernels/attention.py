@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..config import device_granularity
 from .ops import indexer_topk, sparse_attention
 
 # Set by capture_selections(): a list that receives each site's selection (for measurements).
@@ -83,16 +84,11 @@ def mask_to_bias_and_visibility(
     return bias, visible.expand(batch, lq, lk)
 
 
-# Selection granularity (query_block, key_block) when the config leaves it to the device: what
-# measured fastest at long context (CPU: benchmarks/results/cpu_ops.md; CUDA: BENCHMARKS.md).
-DEFAULT_GRANULARITY = {"cpu": (128, 64), "cuda": (64, 0)}
-
-
 def granularity(device: torch.device, query_block: int | None, key_block: int | None
                 ) -> tuple[int, int]:
-    """``(query_block, key_block)`` with ``None`` replaced by the device's default."""
-    qb, kb = DEFAULT_GRANULARITY.get(device.type, DEFAULT_GRANULARITY["cpu"])
-    return (qb if query_block is None else query_block, kb if key_block is None else key_block)
+    """``(query_block, key_block)`` with ``None`` replaced by the device's default
+    (:data:`dsa_compile.config.DEVICE_GRANULARITY`)."""
+    return device_granularity(device.type, query_block, key_block)
 
 
 def sdpa_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -91,7 +91,7 @@ def find_projection_weight(
                 value = inputs.get(weight) if isinstance(weight, fx.Node) else None
                 if isinstance(value, torch.Tensor) and value.dim() == 2 and \
                         value.shape[0] == out_features:
-                    return value.detach()
+                    return value  # the model's own tensor (callers detach what they compute)
                 continue  # a linear of another size: not this site's projection
             next_frontier.extend(a for a in current.all_input_nodes if a.op != "placeholder"
                                  or a in inputs)

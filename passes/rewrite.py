@@ -8,60 +8,33 @@ replaced by :func:`dsa_compile.kernels.attention.dsa_attention`.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
-from ..kernels.attention import dsa_attention, granularity, indexed_attention
+from ..config import DSAConfig
+from ..kernels.attention import dsa_attention, indexed_attention
 from .einsum import canonical_einsums
 from .guards import mutated_inputs
 from .indexer_init import find_projection_weight, initial_indexer
+from .indexers import (
+    MODEL_INDEXER_INIT,
+    PARAMETERS,
+    DSAIndexer,
+    GraphIndexers,
+    IndexerStore,
+    SiteInfo,
+    SiteRequest,
+)
 from .lower import emit_operands, emit_output
 from .multihead import expand_multihead_attention
 from .patterns import CATALOG, REFINEMENTS
 from .rotary import applies_rotary
-from .sites import AttentionSite, Layout, example_value
+from .sites import AttentionSite, Layout, example_value, module_path_of
 
 logger = logging.getLogger("dsa_compile")
-
-
-@dataclass(frozen=True)
-class RewriteSettings:
-    """What the pass needs to know (the API layer builds it from the user's config)."""
-
-    topk: int = 2048
-    dense_up_to: int = 2048
-    index_heads: int = 4
-    index_dim: int = 32
-    query_block: int | None = None  # None: per device (kernels.attention.granularity)
-    key_block: int | None = None
-    candidate_blocks: int = 0
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-
-    def selects(self, module_path: str) -> str | None:
-        """None when the site may be rewritten, else why not."""
-        if self.include and not any(fnmatch.fnmatch(module_path, p) for p in self.include):
-            return f"not matched by include={list(self.include)}"
-        for pattern in self.exclude:
-            if fnmatch.fnmatch(module_path, pattern):
-                return f"excluded by {pattern!r}"
-        return None
-
-
-class IndexerParameters(torch.nn.Module):
-    """The lightning indexer of one site: ``q_proj [H*D, HI*DI]``, ``k_proj [Hkv*D, DI]``,
-    ``head_weights [HI]``. The compiled graph reads them as extra inputs (see
-    :class:`RewriteResult`), so updating them in place updates the compiled model."""
-
-    def __init__(self, q_proj: torch.Tensor, k_proj: torch.Tensor, head_weights: torch.Tensor):
-        super().__init__()
-        self.q_proj = torch.nn.Parameter(q_proj, requires_grad=False)
-        self.k_proj = torch.nn.Parameter(k_proj, requires_grad=False)
-        self.head_weights = torch.nn.Parameter(head_weights, requires_grad=False)
 
 
 def find_sites(graph: fx.Graph) -> list[AttentionSite]:
@@ -94,37 +67,34 @@ def _placeholder_values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, tor
             if isinstance(v, torch.Tensor)}
 
 
-def _unique_path(taken: dict, module_path: str) -> str:
-    """The adapter name of a site's indexer: ``<module path>.dsa_indexer`` (numbered if reused)."""
-    base = f"{module_path}.dsa_indexer"
-    path, n = base, 1
-    while path in taken:
-        n += 1
-        path = f"{base}_{n}"
-    return path
-
-
 @dataclass
 class RewriteResult:
-    """The sites of a graph, and the indexer tensors the rewritten graph takes as extra inputs
-    (appended after the original ones, in this order)."""
+    """The sites of a graph, and the indexers whose parameters the rewritten graph takes as
+    extra inputs (appended after the original ones: each indexer's ``tensors()`` in order)."""
 
     graph_module: fx.GraphModule
     sites: list[AttentionSite]
-    extra_inputs: list[torch.Tensor]
-    indexers: dict[str, IndexerParameters]
+    indexers: list[DSAIndexer] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # the name of each indexer
+
+    @property
+    def extra_inputs(self) -> list[torch.Tensor]:
+        """The indexer parameters as they are now (read them again for every call)."""
+        return [t for indexer in self.indexers for t in indexer.tensors()]
 
 
 def rewrite_sites(
-    gm: fx.GraphModule, example_inputs, settings: RewriteSettings
+    gm: fx.GraphModule, example_inputs, config: DSAConfig, store: IndexerStore | None = None
 ) -> RewriteResult:
     """Finds the sites of ``gm`` and rewrites the eligible ones in a copy of it.
 
     Dynamo keeps reading its own graph after the backend returns, so ``gm`` is left as it is.
-    The indexer tensors become new trailing placeholders of the copy (Dynamo lifts every tensor
-    a graph reads to an input, and Inductor expects it so); the caller appends
-    ``extra_inputs`` to every call of ``result.graph_module``.
+    Each rewritten site's indexer comes from ``store`` (initialised training-free when the store
+    has none; default: :class:`GraphIndexers`). Its parameters become new trailing placeholders
+    of the copy (Dynamo lifts every tensor a graph reads to an input, and Inductor expects it
+    so); the caller appends ``result.extra_inputs`` to every call of ``result.graph_module``.
     """
+    store = GraphIndexers() if store is None else store
     inputs_by_name = {n.name: v for n, v in _placeholder_values(gm, example_inputs).items()}
     gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     inputs = {n: inputs_by_name[n.name] for n in gm.graph.nodes
@@ -132,18 +102,18 @@ def rewrite_sites(
     expand_multihead_attention(gm.graph)
     canonical_einsums(gm.graph)
     sites = find_sites(gm.graph)
-    result = RewriteResult(gm, sites, [], {})
+    result = RewriteResult(gm, sites)
     replaced: dict[fx.Node, fx.Node] = {}  # site outputs rewritten so far -> their new node
     for site in sites:
         if not site.rewritable:
             continue
-        why_not = settings.selects(site.module_path)
+        why_not = config.selects(site.module_path)
         if why_not:
             site.keep_dense(why_not)
             continue
         site.remap(replaced)
         old = site.node
-        _rewrite(gm, site, inputs, settings, result)
+        _rewrite(gm, site, inputs, config, store, result)
         if site.node is not old:
             replaced[old] = site.output
     gm.graph.lint()
@@ -198,14 +168,40 @@ def _erase_unused(graph: fx.Graph, nodes: list[fx.Node], depth: int = 8) -> None
         nodes = next_nodes
 
 
-def _rewrite(gm: fx.GraphModule, site: AttentionSite, inputs, settings: RewriteSettings,
-             result: RewriteResult) -> None:
+def _rewrite(gm: fx.GraphModule, site: AttentionSite, inputs, config: DSAConfig,
+             store: IndexerStore, result: RewriteResult) -> None:
     if site.model_indices is not None:
+        site.indexer = module_path_of(site.model_indices)
         _lower(gm.graph, site, indexed_attention, site.model_indices)
-        site.index_init = "the model's own indexer"
+        site.index_init = MODEL_INDEXER_INIT
         site.granularity = "the model's own top-k per query"
         site.reason = "rewritten: sparse attention on the model's top-k indices (no dense mask)"
         return
+    request = site_request(site, inputs)
+    found = store.lookup(request)  # a stored indexer that does not fit raises: the user's error
+    if found is None:
+        indexer = initial_site_indexer(request, config)
+        if indexer is None:
+            return
+        name = store.adopt(request, indexer)
+    else:
+        name, indexer = found
+    result.indexers.append(indexer)
+    result.names.append(name)
+    params = [_new_input(gm, f"dsa_{len(result.indexers) - 1}_{n}", value)
+              for n, value in zip(PARAMETERS, indexer.tensors(), strict=True)]
+    _lower(gm.graph, site, dsa_attention, *params, topk=config.topk,
+           dense_up_to=config.dense_up_to, query_block=config.query_block,
+           key_block=config.key_block, candidate_blocks=config.candidate_blocks)
+    site.indexer = name
+    site.index_init = indexer.info.init
+    site.granularity = describe_granularity(request.device, config)
+    site.reason = f"rewritten: top-{config.topk} above {config.dense_up_to} keys"
+
+
+def site_request(site: AttentionSite, inputs: dict[fx.Node, torch.Tensor]) -> SiteRequest:
+    """What the pass knows of a site when it asks for its indexer: head counts, head dim, the q/k
+    projection weights upstream (``inputs``: the graph's placeholders and their values)."""
     q, k = example_value(site.q), example_value(site.k)
     if site.layout is Layout.BHLD:
         heads, kv_heads, dim = int(q.shape[1]), int(k.shape[1]), int(q.shape[3])
@@ -213,42 +209,43 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, inputs, settings: RewriteS
         heads = kv_heads = int(example_value(site.view_shape[1])) \
             if site.layout is Layout.BATCH_VIEW else 1
         dim = int(q.shape[2])
+    request = SiteRequest(site, heads, kv_heads, dim, q.device)
+    try:
+        request.q_weight = find_projection_weight(site.q, heads * dim, inputs)
+        request.k_weight = find_projection_weight(site.k, kv_heads * dim, inputs)
+        request.rotary = applies_rotary(site.q, dim) and applies_rotary(site.k, dim)
+    except Exception:  # a bug here costs the weight-based init, never the user's compile
+        logger.warning("dsa: projection search failed at %s", site.module_path, exc_info=True)
+    return request
+
+
+def initial_site_indexer(request: SiteRequest, config: DSAConfig) -> DSAIndexer | None:
+    """The training-free indexer of a site (None, with the site kept dense, if that fails)."""
+    site = request.site
+    wq, wk = (None if w is None else w.detach() for w in (request.q_weight, request.k_weight))
     try:  # nothing is changed in the graph until the indexer exists
-        wq = find_projection_weight(site.q, heads * dim, inputs)
-        wk = find_projection_weight(site.k, kv_heads * dim, inputs)
-        rotary = applies_rotary(site.q, dim) and applies_rotary(site.k, dim)
-        init = initial_indexer(heads, kv_heads, dim, settings.index_heads, settings.index_dim,
-                               wq, wk, rotary=rotary)
+        init = initial_indexer(request.heads, request.kv_heads, request.head_dim,
+                               config.index_heads, config.index_dim, wq, wk,
+                               rotary=request.rotary)
     except Exception as err:  # a bug here must cost speed, never the user's compile
         logger.warning("dsa: indexer initialisation failed at %s", site.module_path,
                        exc_info=True)
         site.keep_dense(f"indexer initialisation failed ({type(err).__name__}: {err}); please "
                         "report it")
-        return
-    path = _unique_path(result.indexers, site.module_path)
-    device = q.device  # the indexer lives where the site's activations live
-    indexer = IndexerParameters(init.q_proj.to(device), init.k_proj.to(device),
-                                init.head_weights.to(device))
-    result.indexers[path] = indexer
-    params = []
-    for name in ("q_proj", "k_proj", "head_weights"):
-        value = getattr(indexer, name)
-        params.append(_new_input(gm, f"dsa_{len(result.extra_inputs)}_{name}", value))
-        result.extra_inputs.append(value)
-    _lower(gm.graph, site, dsa_attention, *params, topk=settings.topk,
-           dense_up_to=settings.dense_up_to, query_block=settings.query_block,
-           key_block=settings.key_block, candidate_blocks=settings.candidate_blocks)
-    site.index_init = init.source
-    site.granularity = describe_granularity(device, settings)
-    site.reason = f"rewritten: top-{settings.topk} above {settings.dense_up_to} keys"
+        return None
+    device = request.device  # the indexer lives where the site's activations live
+    info = SiteInfo(site.module_path, site.full_pattern, request.heads, request.kv_heads,
+                    request.head_dim, init.source)
+    return DSAIndexer(init.q_proj.to(device), init.k_proj.to(device),
+                      init.head_weights.to(device), info)
 
 
-def describe_granularity(device: torch.device, settings: RewriteSettings) -> str:
+def describe_granularity(device: torch.device, config: DSAConfig) -> str:
     """How the site selects keys (see ``DSAConfig``): per query, or per tile of queries."""
-    query_block, key_block = granularity(device, settings.query_block, settings.key_block)
+    query_block, key_block = config.granularity(device.type)
     select = "per query" if query_block == 1 else \
         f"shared by each tile of {query_block} queries (a query's keys depend on later queries " \
         "of its tile)"
     scan = "every key scored" if key_block == 0 else \
         f"two-stage over {key_block}-key blocks"
-    return f"{device.type}: top-{settings.topk} {select}; {scan}"
+    return f"{device.type}: top-{config.topk} {select}; {scan}"

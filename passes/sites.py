@@ -19,15 +19,33 @@ import torch
 from torch import fx
 
 _ROOT = re.compile(r"^L\[[^\]]*\](\[[^\]]*\])*\.?")
+_ROOT_LOCAL = re.compile(r"^L\['([A-Za-z_][A-Za-z0-9_]*)'\]((?:\[(?:\d+|'[^']*')\])*)(\.|$)")
+_ROOT_INDEX = re.compile(r"\[(\d+|'[^']*')\]")
+
+
+def _qualified_module(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    return str(list(stack.values())[-1][0]) if stack else None
+
+
+def module_root_of(node: fx.Node) -> tuple[str | int, ...] | None:
+    """Where in the traced frame's locals :func:`module_path_of` starts: ``("self",)`` for
+    ``L['self'].layers[0]``, ``("args", 0)`` for ``L['args'][0].model`` (a decorated
+    ``forward``); None when the path starts elsewhere."""
+    qualified = _qualified_module(node)
+    match = _ROOT_LOCAL.match(qualified) if qualified else None
+    if not match:
+        return None
+    keys = [int(k) if k.isdigit() else k.strip("'") for k in _ROOT_INDEX.findall(match.group(2))]
+    return (match.group(1), *keys)
 
 
 def module_path_of(node: fx.Node) -> str:
     """The module path of a node from its ``nn_module_stack`` (e.g. ``model.layers.0.self_attn``)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
+    qualified = _qualified_module(node)
+    if qualified is None:
         return "<top>"
-    qualified = list(stack.values())[-1][0]
-    path = _ROOT.sub("", str(qualified))
+    path = _ROOT.sub("", qualified)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     return path.strip(".") or "<top>"
 
@@ -143,12 +161,17 @@ class AttentionSite:
     rewritable: bool = True
     reason: str = ""
     index_init: str = ""
+    indexer: str = ""  # the name of the site's indexer module (``<module path>.dsa_indexer``)
     granularity: str = ""
     output: fx.Node | None = None  # after the rewrite: the node the site's users read
 
     @property
     def module_path(self) -> str:
         return module_path_of(self.node)
+
+    @property
+    def module_root(self) -> tuple[str | int, ...] | None:
+        return module_root_of(self.node)
 
     @property
     def full_pattern(self) -> str:
@@ -202,5 +225,6 @@ class AttentionSite:
             "rewritten": self.rewritable,
             "reason": self.reason,
             "indexer_init": self.index_init,
+            "indexer": self.indexer,
             "granularity": self.granularity,
         }

@@ -59,3 +59,12 @@ def test_triton_kernels_example():
     result = load("triton_kernels").main()
     assert result["rel_err_vs_reference"] < 1e-5
     assert result["finite"]
+
+
+def test_adapter_round_trip(tmp_path):
+    result = load("adapter_round_trip").main(str(tmp_path))
+    assert result["indexers"] == 2
+    assert result["changed_by_update"] > 1e-3
+    assert result["loaded_vs_saved"] == 0.0
+    assert result["detached_vs_dense"] == 0.0 and result["state_dict_after_detach"] == 0
+    assert (tmp_path / "dsa_config.json").is_file()

@@ -99,7 +99,8 @@ def _indexers(model: torch.nn.Module, *inputs: torch.Tensor, **options) -> list:
     config = DSAConfig.from_options({"mode": "eager", "topk": 4, **options})
     with torch.no_grad():
         torch.compile(model, backend=make_backend(config, results.append))(*inputs)
-    return [(site, result.indexers) for result in results for site in result.sites]
+    return [(site, dict(zip(result.names, result.indexers, strict=True)))
+            for result in results for site in result.sites]
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
