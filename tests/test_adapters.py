@@ -323,3 +323,30 @@ def test_traced_locals_is_empty_outside_a_compile_and_names_self_inside():
     model = torch.nn.Linear(3, 3)
     torch.compile(model, backend=backend)(torch.randn(2, 3))
     assert any(v is model for v in seen.values())
+
+
+def test_instances_sharing_compiled_code_use_their_own_indexers(caplog):
+    """Dynamo reuses one class's compiled code for its other instances: each must still run on
+    its own indexers (attached: its module's; never attached: the training-free init of its
+    own weights)."""
+    import copy
+
+    caplog.set_level(logging.INFO, logger="dsa_compile")
+    ids = _ids()
+    a, b, c = (tiny_model("llama", "sdpa", seed=s) for s in (0, 1, 2))
+    c_attached = copy.deepcopy(c)
+    for model in (a, b, c_attached):
+        dsa_compile.attach(model, ids, **OPTIONS)
+    _change_indexers(b)
+    expected_b, expected_c = _run(b, ids, mode="eager"), _run(c_attached, ids, mode="eager")
+    torch.compiler.reset()
+    options = {**OPTIONS, "mode": "eager"}
+    with torch.no_grad():
+        torch.compile(a, backend="dsa", options=options)(ids)
+        graphs = _graphs_logged(caplog)
+        out_b = _hidden(torch.compile(b, backend="dsa", options=options)(ids))
+        out_c = _hidden(torch.compile(c, backend="dsa", options=options)(ids))
+    assert _graphs_logged(caplog) == graphs  # b and c ran a's compiled code
+    torch.testing.assert_close(out_b, expected_b, rtol=0, atol=0)
+    torch.testing.assert_close(out_c, expected_c, rtol=0, atol=0)
+    assert not indexers_of(c)  # c's indexers were made for the call, not registered
