@@ -19,7 +19,7 @@ import torch
 
 from ._version import __version__
 from .config import DSAConfig
-from .ownership import DSAAdapterError, indexers_of, register
+from .ownership import DSAAdapterError, indexers_of, register, remember_module
 from .passes.indexers import MODEL_INDEXER_INIT, PARAMETERS, DSAIndexer, SiteInfo
 
 CONFIG_FILE = "dsa_config.json"
@@ -236,6 +236,7 @@ def load_adapter(model: torch.nn.Module, directory: str | Path, *example_inputs:
             if current is not None:
                 current.detached = True
             module.add_module(attr, indexer)
+        remember_module(module)
         indexer.base_weights = {key: weakref.ref(w) for key, w in base.items()}
     originals = model.__dict__.setdefault("_dsa_original_weights", {}) if own else {}
     with torch.no_grad():

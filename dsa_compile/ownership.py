@@ -154,9 +154,7 @@ class ModelIndexers:
         if id(request.site) not in self._slots:
             module = self._module(request)
             if module is not None:
-                for name, param in module.named_parameters():
-                    if INDEXER_NAME not in name:
-                        _MODULE_OF[param] = weakref.ref(module)
+                remember_module(module)
             n = self._count[id(module)] = self._count.get(id(module), 0) + 1
             attr = INDEXER_NAME if n == 1 else f"{INDEXER_NAME}_{n}"
             self._slots[id(request.site)] = (module, attr)
@@ -231,6 +229,14 @@ class TensorKeyedWeakMap:
 
 # Parameters of attention modules whose sites were compiled -> the module (weakly, both ways).
 _MODULE_OF = TensorKeyedWeakMap()
+
+
+def remember_module(module: torch.nn.Module) -> None:
+    """Lets compiled graphs find ``module`` (an attention module that holds, or may hold, an
+    indexer) from any of its own parameters."""
+    for name, param in module.named_parameters():
+        if INDEXER_NAME not in name:
+            _MODULE_OF[param] = weakref.ref(module)
 
 
 @dataclass

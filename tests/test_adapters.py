@@ -325,7 +325,7 @@ def test_traced_locals_is_empty_outside_a_compile_and_names_self_inside():
     assert any(v is model for v in seen.values())
 
 
-def test_instances_sharing_compiled_code_use_their_own_indexers(caplog):
+def test_instances_sharing_compiled_code_use_their_own_indexers(caplog, tmp_path):
     """Dynamo reuses one class's compiled code for its other instances: each must still run on
     its own indexers (attached: its module's; never attached: the training-free init of its
     own weights)."""
@@ -338,6 +338,9 @@ def test_instances_sharing_compiled_code_use_their_own_indexers(caplog):
     for model in (a, b, c_attached):
         dsa_compile.attach(model, ids, **OPTIONS)
     _change_indexers(b)
+    dsa_compile.save_adapter(b, tmp_path)
+    d = tiny_model("llama", "sdpa", seed=1)
+    dsa_compile.load_adapter(d, tmp_path)  # no capture: d's graph is a's compiled code
     expected_b, expected_c = _run(b, ids, mode="eager"), _run(c_attached, ids, mode="eager")
     torch.compiler.reset()
     options = {**OPTIONS, "mode": "eager"}
@@ -346,7 +349,9 @@ def test_instances_sharing_compiled_code_use_their_own_indexers(caplog):
         graphs = _graphs_logged(caplog)
         out_b = _hidden(torch.compile(b, backend="dsa", options=options)(ids))
         out_c = _hidden(torch.compile(c, backend="dsa", options=options)(ids))
-    assert _graphs_logged(caplog) == graphs  # b and c ran a's compiled code
+        out_d = _hidden(torch.compile(d, backend="dsa", options=options)(ids))
+    assert _graphs_logged(caplog) == graphs  # b, c and d ran a's compiled code
     torch.testing.assert_close(out_b, expected_b, rtol=0, atol=0)
+    torch.testing.assert_close(out_d, expected_b, rtol=0, atol=0)
     torch.testing.assert_close(out_c, expected_c, rtol=0, atol=0)
     assert not indexers_of(c)  # c's indexers were made for the call, not registered
