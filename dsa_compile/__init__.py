@@ -7,6 +7,7 @@ are registered as ``torch.ops.dsa.*`` on import and exposed here as Python funct
 from ._version import __version__
 from .adapter import load_adapter, save_adapter
 from .api import ExplainReport, compile, explain
+from .calibrate import CalibrationResult, calibrate, measure_recall
 from .config import DSAConfig, DSAConfigError
 from .export import export
 from .kernels import DSAInputError, indexer_scores, indexer_topk, sparse_attention
@@ -17,15 +18,18 @@ __all__ = [
     "DSAAdapterError",
     "DSAConfig",
     "DSAConfigError",
+    "CalibrationResult",
     "DSAIndexer",
     "DSAInputError",
     "ExplainReport",
     "attach",
+    "calibrate",
     "compile",
     "detach",
     "explain",
     "export",
     "load_adapter",
+    "measure_recall",
     "save_adapter",
     "__version__",
     "indexer_scores",

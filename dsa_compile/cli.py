@@ -83,6 +83,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = command("inspect", "list the attention sites of a model and whether each would be "
                                  "rewritten (and why not)")
+    convert = command("convert", "calibrate each attention site's indexer on the model's own "
+                      "dense attention; write the adapter and a report (md, png, json)")
+    convert.add_argument("model", help="'minilm' (the embedded default) or a local HF model "
+                         "directory (safetensors, no custom code)")
+    convert.add_argument("--out", required=True, help="directory for the adapter and report")
+    convert.add_argument("--calib", nargs="+", default=[], metavar="FILE",
+                         help="calibration text files (default: Python's pydoc topics, minus "
+                         "the held-out ones)")
+    convert.add_argument("--steps", type=positive_int, default=150, help="optimizer steps")
+    convert.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    convert.add_argument("--topk", type=positive_int, default=64,
+                         help="the budget calibrated for and evaluated at")
+    convert.add_argument("--index-heads", type=positive_int, default=4, help="indexer heads HI")
+    convert.add_argument("--index-dim", type=positive_int, default=32, help="indexer dim DI")
+    convert.add_argument("--query-block", type=positive_int, default=None,
+                         help="queries sharing a selection (default: the device's)")
+    convert.add_argument("--key-block", type=int, default=None,
+                         help="two-stage key block, 0 = score every key (default: the device's)")
+    convert.add_argument("--length", type=positive_int, default=512,
+                         help="tokens per calibration window and of the held-out text")
+    convert.add_argument("--quiet", action="store_true", help="no progress bar")
+    convert.set_defaults(handler=_convert)
+
     inspect.add_argument("model", help="'minilm' (the embedded default) or a local HF model "
                                        "directory (safetensors weights; no custom model code)")
     inspect.add_argument("--length", type=positive_int, default=128, help="tokens of the probe input")
@@ -215,6 +238,36 @@ def _inspect(args: argparse.Namespace) -> int:
                 f"most min_seq_len = {config.dense_up_to} keys (topk by default) stay dense; "
                 "the rewritten sites switch to the sparse ops above that")
         print(note, file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    path, model_config = _read_config(args.model)
+    most = model_config.get("max_position_embeddings")
+    if isinstance(most, int) and args.length > most:
+        raise CLIError(f"argument --length: the model takes at most {most} positions "
+                       f"(max_position_embeddings), got {args.length}")
+    if args.lr <= 0:
+        raise CLIError(f"argument --lr: must be > 0, got {args.lr}")
+    for file in args.calib:
+        if not Path(file).is_file():
+            raise CLIError(f"argument --calib: {file} is not a file")
+
+    def load():
+        from transformers import AutoTokenizer
+
+        return _load_model(path, "sdpa"), AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+    options = {"topk": args.topk, "index_heads": args.index_heads, "index_dim": args.index_dim,
+               "query_block": args.query_block, "key_block": args.key_block}
+    result = convert(load, args.out, files=args.calib, steps=args.steps, lr=args.lr,
+                     length=args.length, progress=not args.quiet, **options)
+    from .convert import report_markdown
+
+    print(report_markdown(result))
+    print(f"adapter and report written to {args.out}")
     return 0
 
 

@@ -22,6 +22,8 @@ from .kernels.attention import capture_selections
 from .quality import attention_mass_recall, best_head_shared_recall
 
 MAX_LENGTH = 512  # MiniLM's max_position_embeddings
+# The pydoc topics the demo and `dsa convert` evaluate on; calibration never reads them.
+HELD_OUT_TOPICS = ("execmodel", "naming", "exceptions", "import", "compound", "function", "class")
 
 
 def minilm_path() -> Path:
@@ -49,8 +51,7 @@ def real_text_ids(tokenizer, length: int) -> torch.Tensor:
     """``length`` tokens of English prose: Python's language reference topics (stdlib)."""
     from pydoc_data.topics import topics
 
-    text = "\n".join(topics[name] for name in ("execmodel", "naming", "exceptions", "import",
-                                               "compound", "function", "class"))
+    text = "\n".join(topics[name] for name in HELD_OUT_TOPICS)
     ids = tokenizer(text, truncation=True, max_length=length, return_tensors="pt")["input_ids"]
     if ids.shape[1] < length:
         raise ValueError(f"the demo text has only {ids.shape[1]} tokens (< {length})")

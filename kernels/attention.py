@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -99,6 +100,55 @@ def sdpa_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tenso
     return attn_mask.float()
 
 
+def indexer_inputs(q: torch.Tensor, k: torch.Tensor, q_proj: torch.Tensor, k_proj: torch.Tensor,
+                   head_weights: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A site's ``q [B, H, Lq, D]``, ``k [B, Hkv, Lk, D]`` through its indexer:
+    ``q_idx [B, Lq, HI, DI]``, ``k_idx [B, Lk, DI]``, ``weights [B, Lq, HI]`` (the indexer's
+    dtype; differentiable in the indexer parameters)."""
+    batch, heads, lq, dim = q.shape
+    kv_heads, lk = k.shape[1], k.shape[2]
+    index_heads, index_dim = head_weights.shape[0], k_proj.shape[1]
+    q_flat = q.transpose(1, 2).reshape(batch, lq, heads * dim).to(q_proj.dtype)
+    k_flat = k.transpose(1, 2).reshape(batch, lk, kv_heads * dim).to(q_proj.dtype)
+    q_idx = (q_flat @ q_proj).view(batch, lq, index_heads, index_dim)
+    return q_idx, k_flat @ k_proj, head_weights.expand(batch, lq, index_heads)
+
+
+@dataclass
+class SiteCall:
+    """One call of a rewritten site, as :func:`intercept_sites` sees it: the SDPA operands,
+    the indexer parameters, and ``dense()`` (what the original computes)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    attn_mask: torch.Tensor | None
+    q_proj: torch.Tensor
+    k_proj: torch.Tensor
+    head_weights: torch.Tensor
+    is_causal: bool
+    scale: float | None
+    enable_gqa: bool
+    dense: Callable[[], torch.Tensor]
+
+
+_intercept: Callable[[SiteCall], torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def intercept_sites(handler: Callable[[SiteCall], torch.Tensor]) -> Iterator[None]:
+    """Within the block, every rewritten site of an eager-mode graph calls ``handler`` and
+    returns what it returns (calibration: train the site's indexer on its q and k, then return
+    ``call.dense()``). Compiled (Inductor) code does not call back."""
+    global _intercept
+    previous, _intercept = _intercept, handler
+    try:
+        yield
+    finally:
+        _intercept = previous
+
+
 def dsa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -123,8 +173,7 @@ def dsa_attention(
     Indexer parameters: ``q_proj [H * D, HI * DI]``, ``k_proj [Hkv * D, DI]``,
     ``head_weights [HI]``. SDPA's ``is_causal`` is top-left aligned: query t sees keys s <= t.
     """
-    batch, heads, lq, dim = q.shape
-    kv_heads, lk = k.shape[1], k.shape[2]
+    batch, lq, lk = q.shape[0], q.shape[2], k.shape[2]
     dense = lk <= dense_up_to
     select_all = topk >= lk
     topk = max(1, min(topk, lk))  # more slots than keys would only hold -1
@@ -135,16 +184,12 @@ def dsa_attention(
                                               is_causal=is_causal, scale=scale,
                                               enable_gqa=enable_gqa)
 
+    if _intercept is not None:
+        return _intercept(SiteCall(q, k, v, attn_mask, q_proj, k_proj, head_weights, is_causal,
+                                   scale, enable_gqa, sdpa))
     if dense and _capture is None:
         return sdpa()
-    index_dim = k_proj.shape[1]
-    index_heads = head_weights.shape[0]
-    proj_dtype = q_proj.dtype
-    q_flat = q.transpose(1, 2).reshape(batch, lq, heads * dim).to(proj_dtype)
-    k_flat = k.transpose(1, 2).reshape(batch, lk, kv_heads * dim).to(proj_dtype)
-    q_idx = (q_flat @ q_proj).view(batch, lq, index_heads, index_dim)
-    k_idx = k_flat @ k_proj
-    weights = head_weights.expand(batch, lq, index_heads)
+    q_idx, k_idx, weights = indexer_inputs(q, k, q_proj, k_proj, head_weights)
     bias, visible = mask_to_bias_and_visibility(attn_mask, batch, lq, lk, select_all)
     if bias is not None and not select_all and query_block > 1 and visible.dim() == 3:
         # A tile shares one selection: a key masked out for one query may be chosen for another

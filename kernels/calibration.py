@@ -1,0 +1,165 @@
+"""The calibration objective of one site's indexer: DeepSeek's dense warm-up, made to serve
+selection at the granularity the runtime selects at.
+
+DeepSeek's warm-up minimises ``KL(p_t || softmax(I_t))`` with ``p_t`` the head-summed,
+L1-normalised attention of query t. Selection only needs the top of ``I`` in the right order
+where it matters, so here:
+
+- a row is what shares one selection: a tile of ``query_block`` queries; its target is the
+  mean of its queries' head-averaged attention (what a shared selection's recall counts), its
+  score the max of their indexer scores (what ``dsa::indexer_topk`` ranks by);
+- the KL runs over a candidate set per row, the union of the ``topk`` best keys by the target
+  and the ``topk`` best by the indexer now (the keys whose order decides the selection), with
+  the target renormalised on it. (On MiniLM the full-distribution KL lowered top-64 recall;
+  restricted to candidates it raised it.)
+
+Everything is computed a chunk of rows at a time (memory ``chunk * H * Lk``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attention import SiteCall, indexer_inputs, mask_to_bias_and_visibility
+from .ops import indexer_topk
+from .reference import selection_mask
+
+_CHUNK_QUERIES = 256
+_SOFTNESS = 0.25  # width of the soft selection boundary, in standard deviations of the scores
+
+
+@dataclass
+class SiteLoss:
+    """The loss of one site call (differentiable in the indexer parameters) and, measured on
+    the same rows without gradients, the attention-mass recall of the indexer's top-k and of
+    the best possible selection at this granularity (means over rows)."""
+
+    loss: torch.Tensor
+    recall: float
+    best_recall: float
+    rows: int
+
+
+def _chunk(query_block: int) -> int:
+    """Queries per chunk: whole tiles, about ``_CHUNK_QUERIES``."""
+    return max(query_block, _CHUNK_QUERIES // query_block * query_block)
+
+
+def _dense_probs(call: SiteCall, rows: slice, bias: torch.Tensor | None) -> torch.Tensor:
+    """Head-averaged attention ``[B, C, Lk]`` (fp32) of the queries ``rows``."""
+    q = call.q[:, :, rows].float()
+    k, heads = call.k.float(), call.q.shape[1]
+    if k.shape[1] != heads:  # GQA / MQA: each kv head serves a group of query heads
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+    scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
+    logits = torch.einsum("bhtd,bhsd->bhts", q, k) * scale
+    if bias is not None:  # [B|1, H|1, Lq|1, Lk]
+        logits = logits + (bias if bias.shape[2] == 1 else bias[:, :, rows]).float()
+    if call.is_causal:
+        t = torch.arange(rows.start, rows.stop, device=q.device)[:, None]
+        logits = logits.masked_fill(torch.arange(k.shape[2], device=q.device) > t, float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=1)
+
+
+def soft_selection(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """How much each key is selected, smoothly: ``sigmoid((z - boundary) / _SOFTNESS)`` with
+    ``z`` the row's scores standardised over its visible keys (so neither a shift nor a scale
+    of the scores changes it, as neither changes the selection) and the boundary halfway
+    between the k-th and the (k+1)-th best ``z``. ``scores [..., Lk]``, ``-inf`` = invisible
+    (selected 0)."""
+    finite = torch.isfinite(scores)
+    count = finite.sum(-1, keepdim=True).clamp_min(1)
+    plain = scores.masked_fill(~finite, 0.0)  # no inf in the arithmetic: clean gradients
+    mean = plain.sum(-1, keepdim=True) / count
+    centred = (plain - mean).masked_fill(~finite, 0.0)
+    # clamp before the square root: a row with one visible key has variance 0, and sqrt's
+    # gradient there is infinite (times the clamp's 0: NaN)
+    spread = (centred.square().sum(-1, keepdim=True) / count).clamp_min(1e-12).sqrt()
+    z = centred / spread
+    with torch.no_grad():
+        ranked = z.masked_fill(~finite, float("-inf")).topk(min(topk + 1, z.shape[-1]), -1).values
+        if z.shape[-1] > topk:
+            boundary = (ranked[..., topk - 1:topk] + ranked[..., topk:topk + 1]) / 2
+        else:
+            boundary = ranked[..., -1:] - 1.0
+        boundary = boundary.nan_to_num(0.0, neginf=0.0)
+    return torch.sigmoid((z - boundary) / _SOFTNESS).masked_fill(~finite, 0.0)
+
+
+def site_loss(call: SiteCall, topk: int, query_block: int = 1) -> SiteLoss:
+    """The calibration loss of ``call``'s indexer (see the module docstring)."""
+    batch, _, lq, _ = call.q.shape
+    lk = call.k.shape[2]
+    topk = max(1, min(topk, lk))
+    q_idx, k_idx, weights = indexer_inputs(call.q.detach(), call.k.detach(), call.q_proj,
+                                           call.k_proj, call.head_weights)
+    bias, visible = mask_to_bias_and_visibility(call.attn_mask, batch, lq, lk, select_all=True)
+    chunk = _chunk(query_block)
+    total = torch.zeros((), device=call.q.device)
+    recall = best = 0.0
+    rows_seen = 0
+    for start in range(0, lq, chunk):
+        rows = slice(start, min(lq, start + chunk))
+        with torch.no_grad():
+            target = _dense_probs(call, rows, bias)  # [B, C, Lk]
+        logits = torch.einsum("btjd,bsd->btjs", q_idx[:, rows].float(), k_idx.float()).relu()
+        scores = torch.einsum("btjs,btj->bts", logits, weights[:, rows].float())
+        if visible is None:  # visible: [B, Lk] or [B, Lq, Lk]
+            see = torch.ones_like(scores, dtype=torch.bool)
+        else:
+            see = visible[:, None].expand_as(scores) if visible.dim() == 2 else visible[:, rows]
+        if call.is_causal:
+            t = torch.arange(rows.start, rows.stop, device=scores.device)[:, None]
+            see = see & (torch.arange(lk, device=scores.device) <= t)
+        scores = scores.masked_fill(~see, float("-inf"))
+        size = rows.stop - rows.start
+        tiles = -(-size // query_block)
+        pad = tiles * query_block - size
+        if pad:
+            target = F.pad(target, (0, 0, 0, pad))
+            scores = F.pad(scores, (0, 0, 0, pad), value=float("-inf"))
+        count = torch.full((tiles,), query_block, device=scores.device)
+        count[-1] -= pad
+        target = target.view(batch, tiles, query_block, lk).sum(2) / count[:, None]
+        scores = scores.view(batch, tiles, query_block, lk).amax(2)
+        with torch.no_grad():
+            mine = scores.topk(topk, dim=-1).indices
+            recall += float(target.gather(-1, mine).sum(-1).sum())
+            best += float(target.topk(topk, dim=-1).values.sum(-1).sum())
+        terms = -target * soft_selection(scores, topk)
+        total = total + terms.sum()
+        rows_seen += batch * tiles
+    return SiteLoss(total / rows_seen, recall / rows_seen, best / rows_seen, rows_seen)
+
+
+def selection_recall(call: SiteCall, topk: int, query_block: int, key_block: int,
+                     candidate_blocks: int = 0) -> tuple[float, float]:
+    """``(recall, best)`` of one site call: the attention mass (head-averaged, mean over
+    queries) on the keys ``dsa::indexer_topk`` selects at this granularity, and on the best
+    selection at the same granularity and budget (the top-k of each tile's mean attention)."""
+    batch, _, lq, _ = call.q.shape
+    lk = call.k.shape[2]
+    topk = max(1, min(topk, lk))
+    with torch.no_grad():
+        q_idx, k_idx, weights = indexer_inputs(call.q, call.k, call.q_proj, call.k_proj,
+                                               call.head_weights)
+        bias, visible = mask_to_bias_and_visibility(call.attn_mask, batch, lq, lk,
+                                                    select_all=topk >= lk)
+        indices = indexer_topk(q_idx, k_idx, weights, topk, call.is_causal, 0, visible,
+                               query_block, key_block, candidate_blocks)
+        chosen = selection_mask(indices, lq, lk, query_block)  # [B, Lq, Lk]
+        recall = best = 0.0
+        chunk = _chunk(query_block)
+        for start in range(0, lq, chunk):
+            rows = slice(start, min(lq, start + chunk))
+            target = _dense_probs(call, rows, bias)
+            recall += float((target * chosen[:, rows]).sum())
+            size = rows.stop - rows.start
+            tiles = -(-size // query_block)
+            padded = F.pad(target, (0, 0, 0, tiles * query_block - size))
+            tile_mass = padded.view(batch, tiles, query_block, lk).sum(2)
+            best += float(tile_mass.topk(topk, dim=-1).values.sum())
+    return recall / (batch * lq), best / (batch * lq)
