@@ -23,7 +23,7 @@ from .backend import make_backend
 from .config import DSAConfig
 from .dynamo_compat import compile_isolated
 from .kernels.attention import SiteCall, intercept_sites
-from .kernels.calibration import selection_recall, site_loss
+from .kernels.calibration import OBJECTIVES, selection_recall, site_loss
 from .ownership import attach, indexers_of
 
 
@@ -53,7 +53,8 @@ def _site_names(model: torch.nn.Module) -> dict[int, str]:
 
 
 def calibrate(model: torch.nn.Module, batches: Iterable[Any], steps: int = 150,
-              lr: float = 3e-3, *, batches_per_step: int = 1, progress: bool = True,
+              lr: float = 1e-3, *, objective: str = "recall", batches_per_step: int = 1,
+              progress: bool = True,
               config: DSAConfig | None = None, **options: Any) -> CalibrationResult:
     """Trains the model's indexers (attached first, training-free, if it has none) so that each
     selects what its site's dense attention attends to.
@@ -61,8 +62,12 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any], steps: int = 150,
     ``batches``: model inputs (a tensor, or a tuple of positional arguments), cycled through;
     each step runs ``batches_per_step`` of them. Options: :class:`DSAConfig` fields (``topk``
     and ``query_block`` set the budget and granularity trained at; sizes apply when
-    attaching). Prints a progress line per step to stderr unless ``progress=False``.
+    attaching). ``objective``: ``"recall"`` (attention mass kept by the selection) or
+    ``"output"`` (error of each site's sparse output); see :mod:`..kernels.calibration`.
+    Prints a progress line per step to stderr unless ``progress=False``.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     batches = list(batches)
     if not batches:
         raise ValueError("calibrate needs at least one batch of model inputs")
@@ -92,10 +97,10 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any], steps: int = 150,
 
     def handler(call: SiteCall) -> torch.Tensor:
         with torch.enable_grad():
-            measured = site_loss(call, run_config.topk, query_block)
+            measured = site_loss(call, run_config.topk, query_block, objective)
             loss = measured.loss
             if query_block > 1:  # tiles rank by the max of their queries' scores: rank those too
-                loss = loss + site_loss(call, run_config.topk, 1).loss
+                loss = loss + site_loss(call, run_config.topk, 1, objective).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"calibration loss is {float(loss)} at site "
                                          f"{names.get(id(call.q_proj), '?')} (step "
@@ -133,7 +138,8 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any], steps: int = 150,
         if progress and rank == 0:
             print(file=sys.stderr)
     result.seconds = time.perf_counter() - start
-    how = (f"calibrated: {steps} steps x {batches_per_step * world} batch(es), lr {lr}, "
+    how = (f"calibrated ({objective}): {steps} steps x {batches_per_step * world} batch(es), "
+           f"lr {lr}, "
            f"top-{run_config.topk}, {query_block}-query rows")
     for indexer in indexers.values():
         indexer.info.init = f"{how} (from: {indexer.info.init})"

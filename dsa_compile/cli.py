@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--length", type=positive_int, default=512,
                       help="tokens of real text (at most 512, MiniLM's maximum)")
     demo.add_argument("--no-speed", action="store_true", help="skip the Inductor timing")
+    demo.add_argument("--calibrate-steps", type=int, default=60,
+                      help="calibration steps for the side-by-side column (0: skip)")
     demo.add_argument("--json", action="store_true", help="print JSON instead of a report")
     demo.set_defaults(handler=_demo)
 
@@ -93,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "the held-out ones)")
     convert.add_argument("--steps", type=positive_int, default=150, help="optimizer steps")
     convert.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    convert.add_argument("--objective", choices=["recall", "output"], default="recall",
+                         help="what calibration optimises: attention mass kept by the "
+                         "selection, or the error of each site's sparse output")
     convert.add_argument("--topk", type=positive_int, default=64,
                          help="the budget calibrated for and evaluated at")
     convert.add_argument("--index-heads", type=positive_int, default=4, help="indexer heads HI")
@@ -147,7 +152,8 @@ def _demo(args: argparse.Namespace) -> int:
     if args.length > MAX_LENGTH:
         raise CLIError(f"argument --length: the demo runs at most {MAX_LENGTH} tokens (MiniLM's "
                        f"maximum), got {args.length}")
-    result = run_demo(topk=args.topk, length=args.length, speed=not args.no_speed)
+    result = run_demo(topk=args.topk, length=args.length, speed=not args.no_speed,
+                      calibrate_steps=args.calibrate_steps)
     if args.json:
         result.pop("sites_table")
         print(json.dumps(result, indent=2))
@@ -263,6 +269,7 @@ def _convert(args: argparse.Namespace) -> int:
     options = {"topk": args.topk, "index_heads": args.index_heads, "index_dim": args.index_dim,
                "query_block": args.query_block, "key_block": args.key_block}
     result = convert(load, args.out, files=args.calib, steps=args.steps, lr=args.lr,
+                     objective=args.objective,
                      length=args.length, progress=not args.quiet, **options)
     from .convert import report_markdown
 

@@ -81,6 +81,7 @@ def _quality(model, ids, config: DSAConfig, dense: torch.Tensor) -> dict[str, An
 
 def convert(load: Callable[[], tuple[torch.nn.Module, Any]], out: str | Path, *,
             files: Sequence[str | Path] = (), steps: int = 150, lr: float = 1e-3,
+            objective: str = "recall",
             length: int = 512, batches: int = 64, progress: bool = True,
             **options: Any) -> dict[str, Any]:
     """Calibrates the indexers of the model ``load()`` returns (with its tokenizer) and writes
@@ -95,7 +96,7 @@ def convert(load: Callable[[], tuple[torch.nn.Module, Any]], out: str | Path, *,
     attach(model, train[0], config=config)
     before = _quality(model, held_out, config, dense)
     start = time.perf_counter()
-    log = calibrate(model, train, steps=steps, lr=lr, progress=progress)
+    log = calibrate(model, train, steps=steps, lr=lr, objective=objective, progress=progress)
     seconds = time.perf_counter() - start
     after = _quality(model, held_out, config, dense)
     save_adapter(model, out)
@@ -104,7 +105,8 @@ def convert(load: Callable[[], tuple[torch.nn.Module, Any]], out: str | Path, *,
                              options={"adapter": str(out), "mode": "eager"})
     with torch.no_grad():
         after["cosine_via_adapter"] = _cosine(_hidden(compiled, held_out), dense)
-    result = {"config": config.to_dict(), "steps": steps, "lr": lr, "calibration_batches":
+    result = {"config": config.to_dict(), "steps": steps, "lr": lr, "objective": objective,
+              "calibration_batches":
               len(train), "tokens_per_batch": length, "calibration_seconds": seconds,
               "held_out_tokens": int(held_out.shape[1]), "before": before, "after": after,
               "loss": [row["loss"] for row in log.steps],
@@ -160,7 +162,8 @@ def report_markdown(result: dict[str, Any]) -> str:
              after["exact"]["recall"], after["exact"]["best"])]
     lines = [
         "# dsa convert report", "",
-        f"Calibration: {result['steps']} steps (lr {result['lr']}) over "
+        f"Calibration: {result['steps']} steps (objective {result['objective']!r}, lr "
+        f"{result['lr']}) over "
         f"{result['calibration_batches']} windows of {result['tokens_per_batch']} tokens, "
         f"{result['calibration_seconds']:.0f} s. Evaluation: {result['held_out_tokens']} "
         "held-out tokens (not used in calibration).",

@@ -2,16 +2,20 @@
 selection at the granularity the runtime selects at.
 
 DeepSeek's warm-up minimises ``KL(p_t || softmax(I_t))`` with ``p_t`` the head-summed,
-L1-normalised attention of query t. Selection only needs the top of ``I`` in the right order
-where it matters, so here:
+L1-normalised attention of query t. Selection needs only the top of ``I`` in the right order
+where the boundary falls; measured on MiniLM, the full-distribution KL lowered top-64 recall,
+and a KL restricted to candidate keys traded its temperature against the order. So here:
 
-- a row is what shares one selection: a tile of ``query_block`` queries; its target is the
-  mean of its queries' head-averaged attention (what a shared selection's recall counts), its
-  score the max of their indexer scores (what ``dsa::indexer_topk`` ranks by);
-- the KL runs over a candidate set per row, the union of the ``topk`` best keys by the target
-  and the ``topk`` best by the indexer now (the keys whose order decides the selection), with
-  the target renormalised on it. (On MiniLM the full-distribution KL lowered top-64 recall;
-  restricted to candidates it raised it.)
+- a row is what shares one selection: a tile of ``query_block`` queries; its score is the max
+  of its queries' indexer scores (what ``dsa::indexer_topk`` ranks by);
+- the selection is made soft: :func:`soft_selection` standardises a row's scores (a shift or a
+  scale of them changes nothing, as it changes no selection) and passes them through a
+  sigmoid centred between the k-th and the (k+1)-th best, so gradients reach the keys at the
+  boundary, the ones whose order decides what is selected;
+- objective ``"recall"``: maximise the attention mass the soft selection keeps (the mean of the
+  tile's queries' head-averaged attention, what attention-mass recall counts); ``"output"``:
+  minimise the error of each head's output when its attention is renormalised on the soft
+  selection (what the sparse op computes).
 
 Everything is computed a chunk of rows at a time (memory ``chunk * H * Lk``).
 """
@@ -28,6 +32,7 @@ from .ops import indexer_topk
 from .reference import selection_mask
 
 _CHUNK_QUERIES = 256
+OBJECTIVES = ("recall", "output")
 _SOFTNESS = 0.25  # width of the soft selection boundary, in standard deviations of the scores
 
 
@@ -48,8 +53,10 @@ def _chunk(query_block: int) -> int:
     return max(query_block, _CHUNK_QUERIES // query_block * query_block)
 
 
-def _dense_probs(call: SiteCall, rows: slice, bias: torch.Tensor | None) -> torch.Tensor:
-    """Head-averaged attention ``[B, C, Lk]`` (fp32) of the queries ``rows``."""
+def _dense_probs(call: SiteCall, rows: slice, bias: torch.Tensor | None,
+                 per_head: bool = False) -> torch.Tensor:
+    """Head-averaged attention ``[B, C, Lk]`` (fp32) of the queries ``rows`` (``per_head``:
+    ``[B, H, C, Lk]``)."""
     q = call.q[:, :, rows].float()
     k, heads = call.k.float(), call.q.shape[1]
     if k.shape[1] != heads:  # GQA / MQA: each kv head serves a group of query heads
@@ -61,7 +68,8 @@ def _dense_probs(call: SiteCall, rows: slice, bias: torch.Tensor | None) -> torc
     if call.is_causal:
         t = torch.arange(rows.start, rows.stop, device=q.device)[:, None]
         logits = logits.masked_fill(torch.arange(k.shape[2], device=q.device) > t, float("-inf"))
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=1)
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return probs if per_head else probs.mean(dim=1)
 
 
 def soft_selection(scores: torch.Tensor, topk: int) -> torch.Tensor:
@@ -89,8 +97,30 @@ def soft_selection(scores: torch.Tensor, topk: int) -> torch.Tensor:
     return torch.sigmoid((z - boundary) / _SOFTNESS).masked_fill(~finite, 0.0)
 
 
-def site_loss(call: SiteCall, topk: int, query_block: int = 1) -> SiteLoss:
-    """The calibration loss of ``call``'s indexer (see the module docstring)."""
+def _output_error(call: SiteCall, probs: torch.Tensor, kept: torch.Tensor, query_block: int,
+                  size: int) -> torch.Tensor:
+    """Mean over heads and queries of ``|out_sparse - out_dense|^2 / mean |v|^2``, where the
+    sparse output renormalises each head's attention ``probs [B, H, C, Lk]`` over the softly
+    selected keys ``kept [B, tiles, Lk]``."""
+    v = call.v.float()
+    if v.shape[1] != probs.shape[1]:
+        v = v.repeat_interleave(probs.shape[1] // v.shape[1], dim=1)
+    weighted = probs * kept.repeat_interleave(query_block, dim=1)[:, None, :size]
+    sparse = torch.einsum("bhts,bhsd->bhtd", weighted, v) / \
+        weighted.sum(-1, keepdim=True).clamp_min(1e-9)
+    with torch.no_grad():
+        dense = torch.einsum("bhts,bhsd->bhtd", probs, v)
+        norm = v.square().sum(-1).mean().clamp_min(1e-12)
+    return ((sparse - dense).square().sum(-1) / norm).mean()
+
+
+def site_loss(call: SiteCall, topk: int, query_block: int = 1,
+              objective: str = "recall") -> SiteLoss:
+    """The calibration loss of ``call``'s indexer (see the module docstring): ``"recall"``
+    maximises the head-averaged attention mass the soft selection keeps; ``"output"``
+    minimises the error of the site's output when attention is renormalised on it."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     batch, _, lq, _ = call.q.shape
     lk = call.k.shape[2]
     topk = max(1, min(topk, lk))
@@ -104,7 +134,7 @@ def site_loss(call: SiteCall, topk: int, query_block: int = 1) -> SiteLoss:
     for start in range(0, lq, chunk):
         rows = slice(start, min(lq, start + chunk))
         with torch.no_grad():
-            target = _dense_probs(call, rows, bias)  # [B, C, Lk]
+            heads = _dense_probs(call, rows, bias, per_head=True)  # [B, H, C, Lk]
         logits = torch.einsum("btjd,bsd->btjs", q_idx[:, rows].float(), k_idx.float()).relu()
         scores = torch.einsum("btjs,btj->bts", logits, weights[:, rows].float())
         if visible is None:  # visible: [B, Lk] or [B, Lq, Lk]
@@ -118,19 +148,24 @@ def site_loss(call: SiteCall, topk: int, query_block: int = 1) -> SiteLoss:
         size = rows.stop - rows.start
         tiles = -(-size // query_block)
         pad = tiles * query_block - size
+        per_query = heads
         if pad:
-            target = F.pad(target, (0, 0, 0, pad))
+            heads = F.pad(heads, (0, 0, 0, pad))
             scores = F.pad(scores, (0, 0, 0, pad), value=float("-inf"))
         count = torch.full((tiles,), query_block, device=scores.device)
         count[-1] -= pad
-        target = target.view(batch, tiles, query_block, lk).sum(2) / count[:, None]
+        heads = heads.view(batch, -1, tiles, query_block, lk).sum(3) / count[:, None]
+        target = heads.mean(1)  # [B, tiles, Lk]
         scores = scores.view(batch, tiles, query_block, lk).amax(2)
         with torch.no_grad():
             mine = scores.topk(topk, dim=-1).indices
             recall += float(target.gather(-1, mine).sum(-1).sum())
             best += float(target.topk(topk, dim=-1).values.sum(-1).sum())
-        terms = -target * soft_selection(scores, topk)
-        total = total + terms.sum()
+        kept = soft_selection(scores, topk)
+        if objective == "recall":
+            total = total - (target * kept).sum()
+        else:
+            total = total + _output_error(call, per_query, kept, query_block, size) * batch * tiles
         rows_seen += batch * tiles
     return SiteLoss(total / rows_seen, recall / rows_seen, best / rows_seen, rows_seen)
 

@@ -108,7 +108,7 @@ def test_calibration_raises_held_out_recall_on_minilm(capsys):
     assert mean["a"] <= best
     assert not torch.equal(indexer.q_proj, initial)
     assert not indexer.q_proj.requires_grad  # frozen again
-    assert "calibrated: 30 steps" in indexer.info.init
+    assert "calibrated (recall): 30 steps" in indexer.info.init
     assert len(result.steps) == 30 and result.steps[-1]["loss"] < 0
     assert "calibrate [" in capsys.readouterr().err
 
@@ -190,3 +190,19 @@ def test_causal_rows_with_one_visible_key_give_finite_gradients():
     site_loss(call, 8, 1).loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in (call.q_proj, call.k_proj,
                                                       call.head_weights))
+
+
+def test_output_objective_measures_the_sparse_output_error():
+    from dsa_compile.kernels.calibration import _output_error
+
+    call = _call(False)
+    probs = torch.softmax(torch.randn(2, 4, 40, 40), -1)
+    every = torch.ones(2, 40, 40)
+    assert float(_output_error(call, probs, every, 1, 40)) == pytest.approx(0.0, abs=1e-10)
+    few = site_loss(call, 4, 1, "output")
+    many = site_loss(call, 32, 1, "output")
+    assert 0 < float(many.loss) < float(few.loss)
+    few.loss.backward()
+    assert call.q_proj.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="objective"):
+        site_loss(call, 4, 1, "kl")
