@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 MODES = ("inductor", "eager")
+SELECTIONS = ("shared", "kv_head")
 
 # Integer options and their lowest valid value; those in _OPTIONAL may also be None.
 _INT_OPTIONS = {"topk": 1, "min_seq_len": 0, "index_heads": 1, "index_dim": 1, "query_block": 1,
@@ -41,6 +42,9 @@ class DSAConfig:
       ``dsa::indexer_topk`` (``query_block=1, key_block=0`` is exact per-query top-k). ``None``
       picks per device what measured fastest: 128 / 64 on CPU (two-stage), 64 / 0 on CUDA
       (the Triton indexer scores every key; see BENCHMARKS.md).
+    - ``selection``: ``"shared"``, one selection for all heads of a query (tile), or
+      ``"kv_head"``, one per kv head (per head in MHA models; FlashMLA's ``[s_q, h_kv, topk]``):
+      new indexers get one index head group per kv head.
     - ``mode``: ``"inductor"`` compiles the rewritten graph, ``"eager"`` runs it as is
       (debugging; no compile cost).
     - ``adapter``: a directory written by ``dsa_compile.save_adapter``; ``torch.compile`` loads
@@ -56,6 +60,7 @@ class DSAConfig:
     query_block: int | None = None
     key_block: int | None = None
     candidate_blocks: int = 0
+    selection: str = "shared"
     mode: str = "inductor"
     adapter: str | None = None
 
@@ -67,6 +72,9 @@ class DSAConfig:
             # bool is an int subclass: topk=True would silently mean topk=1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise DSAConfigError(f"option {name!r} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.selection, str) or self.selection not in SELECTIONS:
+            raise DSAConfigError(f"option 'selection' must be one of {SELECTIONS}, got "
+                                 f"{self.selection!r}")
         if not isinstance(self.mode, str) or self.mode not in MODES:
             raise DSAConfigError(f"option 'mode' must be one of {MODES}, got {self.mode!r}")
         for name in ("include", "exclude"):

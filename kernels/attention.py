@@ -101,18 +101,56 @@ def sdpa_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tenso
 
 
 def indexer_inputs(q: torch.Tensor, k: torch.Tensor, q_proj: torch.Tensor, k_proj: torch.Tensor,
-                   head_weights: torch.Tensor
+                   head_weights: torch.Tensor, per_kv_head: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A site's ``q [B, H, Lq, D]``, ``k [B, Hkv, Lk, D]`` through its indexer:
-    ``q_idx [B, Lq, HI, DI]``, ``k_idx [B, Lk, DI]``, ``weights [B, Lq, HI]`` (the indexer's
-    dtype; differentiable in the indexer parameters)."""
+    ``q_idx [B', Lq, HI, DI]``, ``k_idx [B', Lk, DI]``, ``weights [B', Lq, HI]`` (the indexer's
+    dtype; differentiable in the indexer parameters), ``B' = B``.
+
+    ``per_kv_head``: the indexer holds one index head group per kv head (``q_proj [H * D,
+    Hkv * HI * DI]``, ``k_proj [Hkv * D, Hkv * DI]``, ``head_weights [Hkv * HI]``, group g
+    reading kv head g's keys); the result is folded to ``B' = B * Hkv`` (batch-major), one
+    selection per (batch, kv head), as :func:`fold_kv_heads` folds the attention."""
     batch, heads, lq, dim = q.shape
     kv_heads, lk = k.shape[1], k.shape[2]
-    index_heads, index_dim = head_weights.shape[0], k_proj.shape[1]
+    groups = kv_heads if per_kv_head else 1
+    index_heads, index_dim = head_weights.shape[0], k_proj.shape[1] // groups
     q_flat = q.transpose(1, 2).reshape(batch, lq, heads * dim).to(q_proj.dtype)
     k_flat = k.transpose(1, 2).reshape(batch, lk, kv_heads * dim).to(q_proj.dtype)
     q_idx = (q_flat @ q_proj).view(batch, lq, index_heads, index_dim)
-    return q_idx, k_flat @ k_proj, head_weights.expand(batch, lq, index_heads)
+    k_idx = k_flat @ k_proj
+    weights = head_weights.expand(batch, lq, index_heads)
+    if groups == 1:
+        return q_idx, k_idx, weights
+    per = index_heads // groups
+    q_idx = q_idx.view(batch, lq, groups, per, index_dim).transpose(1, 2)
+    k_idx = k_idx.view(batch, lk, groups, index_dim).transpose(1, 2)
+    weights = weights.reshape(batch, lq, groups, per).transpose(1, 2)
+    return (q_idx.reshape(batch * groups, lq, per, index_dim),
+            k_idx.reshape(batch * groups, lk, index_dim),
+            weights.reshape(batch * groups, lq, per))
+
+
+def fold_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                  visible: torch.Tensor | None):
+    """Attention with one selection per kv head as a batch of single-kv-head problems:
+    ``q [B, H, Lq, D] -> [B * Hkv, H / Hkv, Lq, D]``, ``k, v [B, Hkv, Lk, .] -> [B * Hkv, 1,
+    Lk, .]``, ``bias [B|1, H|1, Lq|1, Lk] -> [B * Hkv|1, H / Hkv|1, ...]``, ``visible [B, Lk] |
+    [B, Lq, Lk]`` repeated per kv head (batch-major, as :func:`indexer_inputs` folds)."""
+    batch, heads, lq, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    q = q.reshape(batch * kv_heads, group, lq, dim)
+    k, v = (x.reshape(batch * kv_heads, 1, *x.shape[2:]) for x in (k, v))
+    if bias is not None:
+        if bias.shape[1] == heads:
+            bias = bias.expand(batch, *bias.shape[1:]).reshape(batch * kv_heads, group,
+                                                               *bias.shape[2:])
+        elif bias.shape[0] != 1:
+            bias = bias.repeat_interleave(kv_heads, dim=0)
+    if visible is not None:
+        visible = visible.repeat_interleave(kv_heads, dim=0)
+    return q, k, v, bias, visible
 
 
 @dataclass
@@ -131,6 +169,7 @@ class SiteCall:
     scale: float | None
     enable_gqa: bool
     dense: Callable[[], torch.Tensor]
+    per_kv_head: bool = False
 
 
 _intercept: Callable[[SiteCall], torch.Tensor] | None = None
@@ -166,12 +205,15 @@ def dsa_attention(
     query_block: int | None,
     key_block: int | None,
     candidate_blocks: int,
+    per_kv_head: bool = False,
 ) -> torch.Tensor:
     """Drop-in for ``F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale,
     enable_gqa=enable_gqa)`` over ``q [B, H, Lq, D]``, ``k [B, Hkv, Lk, D]``, ``v [B, Hkv, Lk, Dv]``.
 
     Indexer parameters: ``q_proj [H * D, HI * DI]``, ``k_proj [Hkv * D, DI]``,
-    ``head_weights [HI]``. SDPA's ``is_causal`` is top-left aligned: query t sees keys s <= t.
+    ``head_weights [HI]`` (one selection shared by all heads), or with ``per_kv_head`` one
+    selection per kv head (shapes in :func:`indexer_inputs`). SDPA's ``is_causal`` is top-left
+    aligned: query t sees keys s <= t.
     """
     batch, lq, lk = q.shape[0], q.shape[2], k.shape[2]
     dense = lk <= dense_up_to
@@ -186,15 +228,18 @@ def dsa_attention(
 
     if _intercept is not None:
         return _intercept(SiteCall(q, k, v, attn_mask, q_proj, k_proj, head_weights, is_causal,
-                                   scale, enable_gqa, sdpa))
+                                   scale, enable_gqa, sdpa, per_kv_head))
     if dense and _capture is None:
         return sdpa()
-    q_idx, k_idx, weights = indexer_inputs(q, k, q_proj, k_proj, head_weights)
+    q_idx, k_idx, weights = indexer_inputs(q, k, q_proj, k_proj, head_weights, per_kv_head)
     bias, visible = mask_to_bias_and_visibility(attn_mask, batch, lq, lk, select_all)
     if bias is not None and not select_all and query_block > 1 and visible.dim() == 3:
         # A tile shares one selection: a key masked out for one query may be chosen for another
         # of its tile; it must not carry that query's (finite, tiny) weight.
         bias = bias.masked_fill(~visible[:, None], float("-inf"))
+    heads = q.shape[1]
+    if per_kv_head:
+        q, k, v, bias, visible = fold_kv_heads(q, k, v, bias, visible)
     indices = indexer_topk(q_idx, k_idx, weights, topk, is_causal, 0, visible, query_block,
                            key_block, candidate_blocks)
     if _capture is not None:
@@ -202,7 +247,7 @@ def dsa_attention(
         if dense:  # measuring only: the site still computes what it would without the probe
             return sdpa()
     out, _ = sparse_attention(q, k, v, indices, scale, bias, is_causal, 0, query_block)
-    return out
+    return out.reshape(batch, heads, lq, out.shape[-1]) if per_kv_head else out
 
 
 def indexed_attention(

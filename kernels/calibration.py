@@ -22,12 +22,12 @@ Everything is computed a chunk of rows at a time (memory ``chunk * H * Lk``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from .attention import SiteCall, indexer_inputs, mask_to_bias_and_visibility
+from .attention import SiteCall, fold_kv_heads, indexer_inputs, mask_to_bias_and_visibility
 from .ops import indexer_topk
 from .reference import selection_mask
 
@@ -46,6 +46,22 @@ class SiteLoss:
     recall: float
     best_recall: float
     rows: int
+
+
+def _prepared(call: SiteCall, select_all: bool):
+    """``(call, q_idx, k_idx, weights, bias, visible)`` with q / k detached; a per-kv-head
+    indexer's call folded to one single-kv-head problem per (batch, kv head), as
+    ``dsa_attention`` runs it."""
+    batch, _, lq, _ = call.q.shape
+    lk = call.k.shape[2]
+    q, k = call.q.detach(), call.k.detach()
+    q_idx, k_idx, weights = indexer_inputs(q, k, call.q_proj, call.k_proj, call.head_weights,
+                                           call.per_kv_head)
+    bias, visible = mask_to_bias_and_visibility(call.attn_mask, batch, lq, lk, select_all)
+    v = call.v
+    if call.per_kv_head:
+        q, k, v, bias, visible = fold_kv_heads(q, k, v, bias, visible)
+    return replace(call, q=q, k=k, v=v), q_idx, k_idx, weights, bias, visible
 
 
 def _chunk(query_block: int) -> int:
@@ -121,12 +137,10 @@ def site_loss(call: SiteCall, topk: int, query_block: int = 1,
     minimises the error of the site's output when attention is renormalised on it."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    call, q_idx, k_idx, weights, bias, visible = _prepared(call, select_all=True)
     batch, _, lq, _ = call.q.shape
     lk = call.k.shape[2]
     topk = max(1, min(topk, lk))
-    q_idx, k_idx, weights = indexer_inputs(call.q.detach(), call.k.detach(), call.q_proj,
-                                           call.k_proj, call.head_weights)
-    bias, visible = mask_to_bias_and_visibility(call.attn_mask, batch, lq, lk, select_all=True)
     chunk = _chunk(query_block)
     total = torch.zeros((), device=call.q.device)
     recall = best = 0.0
@@ -175,14 +189,11 @@ def selection_recall(call: SiteCall, topk: int, query_block: int, key_block: int
     """``(recall, best)`` of one site call: the attention mass (head-averaged, mean over
     queries) on the keys ``dsa::indexer_topk`` selects at this granularity, and on the best
     selection at the same granularity and budget (the top-k of each tile's mean attention)."""
-    batch, _, lq, _ = call.q.shape
     lk = call.k.shape[2]
     topk = max(1, min(topk, lk))
     with torch.no_grad():
-        q_idx, k_idx, weights = indexer_inputs(call.q, call.k, call.q_proj, call.k_proj,
-                                               call.head_weights)
-        bias, visible = mask_to_bias_and_visibility(call.attn_mask, batch, lq, lk,
-                                                    select_all=topk >= lk)
+        call, q_idx, k_idx, weights, bias, visible = _prepared(call, select_all=topk >= lk)
+        batch, _, lq, _ = call.q.shape
         indices = indexer_topk(q_idx, k_idx, weights, topk, call.is_causal, 0, visible,
                                query_block, key_block, candidate_blocks)
         chosen = selection_mask(indices, lq, lk, query_block)  # [B, Lq, Lk]

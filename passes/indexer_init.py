@@ -212,3 +212,32 @@ def indexer_from_basis(basis: torch.Tensor, heads: int, kv_heads: int, dim: int,
         source=source,
         rotary_planes=rotary_planes,
     )
+
+
+def per_kv_head_indexer(heads: int, kv_heads: int, dim: int, index_heads: int, index_dim: int,
+                        wq: torch.Tensor | None, wk: torch.Tensor | None,
+                        dtype: torch.dtype = torch.float32, rotary: bool = False) -> IndexerInit:
+    """One indexer per kv head (one selection per kv head): group g's index heads read only the
+    queries of g's attention heads and kv head g's keys, each initialised as
+    :func:`initial_indexer` would for a one-kv-head site of those heads, then assembled
+    block-diagonally: ``q_proj [H * D, Hkv * HI' * DI']``, ``k_proj [Hkv * D, Hkv * DI']``,
+    ``head_weights [Hkv * HI']`` with ``HI' = min(HI, H / Hkv)`` and ``DI' = min(DI, D)``."""
+    group = heads // kv_heads
+    parts = []
+    for g in range(kv_heads):
+        rows_q = slice(g * group * dim, (g + 1) * group * dim)
+        rows_k = slice(g * dim, (g + 1) * dim)
+        parts.append(initial_indexer(group, 1, dim, index_heads, index_dim,
+                                     None if wq is None else wq[rows_q],
+                                     None if wk is None else wk[rows_k], dtype, rotary))
+    per, width = parts[0].head_weights.shape[0], parts[0].k_proj.shape[1]
+    q_proj = torch.zeros(heads * dim, kv_heads * per * width, dtype=dtype)
+    k_proj = torch.zeros(kv_heads * dim, kv_heads * width, dtype=dtype)
+    for g, part in enumerate(parts):
+        q_proj[g * group * dim:(g + 1) * group * dim, g * per * width:(g + 1) * per * width] = \
+            part.q_proj
+        k_proj[g * dim:(g + 1) * dim, g * width:(g + 1) * width] = part.k_proj
+    head_weights = torch.cat([part.head_weights for part in parts])
+    return IndexerInit(q_proj, k_proj, head_weights,
+                       f"per kv head ({kv_heads} selections): {parts[0].source}",
+                       parts[0].rotary_planes)

@@ -36,13 +36,14 @@ class SiteInfo:
     kv_heads: int  # Hkv
     head_dim: int  # D of q and k
     init: str  # how the weights were made (training-free init, adapter, calibration)
+    per_kv_head: bool = False  # one selection per kv head (else one shared by all heads)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SiteInfo:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 class DSAIndexer(torch.nn.Module):
@@ -73,8 +74,13 @@ class DSAIndexer(torch.nn.Module):
         return int(self.head_weights.shape[0])
 
     @property
+    def groups(self) -> int:
+        """Selections per query (tile): the kv heads with ``per_kv_head``, else 1."""
+        return self.info.kv_heads if self.info.per_kv_head else 1
+
+    @property
     def index_dim(self) -> int:
-        return int(self.k_proj.shape[1])
+        return int(self.k_proj.shape[1]) // self.groups
 
     def tensors(self) -> list[torch.Tensor]:
         """The parameters in the order the rewritten graph takes them."""
@@ -85,8 +91,12 @@ class DSAIndexer(torch.nn.Module):
 
     def mismatch(self, heads: int, kv_heads: int, head_dim: int) -> str | None:
         """Why this indexer cannot serve a site of these sizes (None when it can)."""
+        if self.info.per_kv_head and (kv_heads != self.info.kv_heads or
+                                      self.index_heads % kv_heads):
+            return (f"it selects per kv head for Hkv={self.info.kv_heads} with "
+                    f"{self.index_heads} index heads; the site has Hkv={kv_heads}")
         expected = {"q_proj": [heads * head_dim, self.index_heads * self.index_dim],
-                    "k_proj": [kv_heads * head_dim, self.index_dim],
+                    "k_proj": [kv_heads * head_dim, self.groups * self.index_dim],
                     "head_weights": [self.index_heads]}
         for name, shape in expected.items():
             if list(getattr(self, name).shape) != shape:
@@ -96,8 +106,9 @@ class DSAIndexer(torch.nn.Module):
 
     def extra_repr(self) -> str:
         i = self.info
+        per = ", per kv head" if i.per_kv_head else ""
         return (f"H={i.heads}, Hkv={i.kv_heads}, D={i.head_dim}, index_heads={self.index_heads}, "
-                f"index_dim={self.index_dim}, init={i.init!r}")
+                f"index_dim={self.index_dim}{per}, init={i.init!r}")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from ..config import DSAConfig
 from ..kernels.attention import dsa_attention, indexed_attention
 from .einsum import canonical_einsums
 from .guards import mutated_inputs
-from .indexer_init import find_projection_weight, initial_indexer
+from .indexer_init import find_projection_weight, initial_indexer, per_kv_head_indexer
 from .indexers import (
     MODEL_INDEXER_INIT,
     PARAMETERS,
@@ -192,10 +192,11 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, inputs, config: DSAConfig,
               for n, value in zip(PARAMETERS, indexer.tensors(), strict=True)]
     _lower(gm.graph, site, dsa_attention, *params, topk=config.topk,
            dense_up_to=config.dense_up_to, query_block=config.query_block,
-           key_block=config.key_block, candidate_blocks=config.candidate_blocks)
+           key_block=config.key_block, candidate_blocks=config.candidate_blocks,
+           per_kv_head=indexer.info.per_kv_head)
     site.indexer = name
     site.index_init = indexer.info.init
-    site.granularity = describe_granularity(request.device, config)
+    site.granularity = describe_granularity(request.device, config, indexer.groups)
     site.reason = f"rewritten: top-{config.topk} above {config.dense_up_to} keys"
 
 
@@ -223,10 +224,11 @@ def initial_site_indexer(request: SiteRequest, config: DSAConfig) -> DSAIndexer 
     """The training-free indexer of a site (None, with the site kept dense, if that fails)."""
     site = request.site
     wq, wk = (None if w is None else w.detach() for w in (request.q_weight, request.k_weight))
+    per_kv_head = config.selection == "kv_head" and request.kv_heads > 1
+    make = per_kv_head_indexer if per_kv_head else initial_indexer
     try:  # nothing is changed in the graph until the indexer exists
-        init = initial_indexer(request.heads, request.kv_heads, request.head_dim,
-                               config.index_heads, config.index_dim, wq, wk,
-                               rotary=request.rotary)
+        init = make(request.heads, request.kv_heads, request.head_dim, config.index_heads,
+                    config.index_dim, wq, wk, rotary=request.rotary)
     except Exception as err:  # a bug here must cost speed, never the user's compile
         logger.warning("dsa: indexer initialisation failed at %s", site.module_path,
                        exc_info=True)
@@ -235,17 +237,19 @@ def initial_site_indexer(request: SiteRequest, config: DSAConfig) -> DSAIndexer 
         return None
     device = request.device  # the indexer lives where the site's activations live
     info = SiteInfo(site.module_path, site.full_pattern, request.heads, request.kv_heads,
-                    request.head_dim, init.source)
+                    request.head_dim, init.source, per_kv_head)
     return DSAIndexer(init.q_proj.to(device), init.k_proj.to(device),
                       init.head_weights.to(device), info)
 
 
-def describe_granularity(device: torch.device, config: DSAConfig) -> str:
-    """How the site selects keys (see ``DSAConfig``): per query, or per tile of queries."""
+def describe_granularity(device: torch.device, config: DSAConfig, groups: int = 1) -> str:
+    """How the site selects keys (see ``DSAConfig``): per query, or per tile of queries; for all
+    heads, or per kv head (``groups`` selections)."""
     query_block, key_block = config.granularity(device.type)
     select = "per query" if query_block == 1 else \
         f"shared by each tile of {query_block} queries (a query's keys depend on later queries " \
         "of its tile)"
     scan = "every key scored" if key_block == 0 else \
         f"two-stage over {key_block}-key blocks"
-    return f"{device.type}: top-{config.topk} {select}; {scan}"
+    heads = f", one per kv head ({groups})" if groups > 1 else ""
+    return f"{device.type}: top-{config.topk} {select}{heads}; {scan}"
