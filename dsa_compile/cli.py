@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="two-stage key block, 0 = score every key (default: the device's)")
     convert.add_argument("--length", type=positive_int, default=512,
                          help="tokens per calibration window and of the held-out text")
+    convert.add_argument("--to", choices=["adapter", "deepseek_v32"], default="adapter",
+                         help="adapter: a dsa indexer adapter for any model; deepseek_v32: a "
+                         "DeepseekV3 checkpoint rewritten as a DeepseekV32 checkpoint (its own "
+                         "V3.2 indexer; --index-heads / --index-dim / --topk size it, DeepSeek "
+                         "uses 64 / 128 / 2048)")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(handler=_convert)
 
@@ -266,6 +271,9 @@ def _convert(args: argparse.Namespace) -> int:
 
         return _load_model(path, "sdpa"), AutoTokenizer.from_pretrained(path, local_files_only=True)
 
+    if args.to == "deepseek_v32":
+        return _convert_v3(args, path, model_config)
+
     options = {"topk": args.topk, "index_heads": args.index_heads, "index_dim": args.index_dim,
                "query_block": args.query_block, "key_block": args.key_block}
     result = convert(load, args.out, files=args.calib, steps=args.steps, lr=args.lr,
@@ -275,6 +283,41 @@ def _convert(args: argparse.Namespace) -> int:
 
     print(report_markdown(result))
     print(f"adapter and report written to {args.out}")
+    return 0
+
+
+def _convert_v3(args: argparse.Namespace, path: Path, model_config: dict[str, Any]) -> int:
+    import transformers
+
+    from .convert import calibration_text, token_batches
+    from .deepseek import convert_v3_checkpoint
+    from .demo import real_text_ids
+
+    if model_config.get("model_type") != "deepseek_v3":
+        raise CLIError(f"--to deepseek_v32 converts DeepseekV3 checkpoints; {args.model} has "
+                       f"model_type {model_config.get('model_type')!r}")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = transformers.DeepseekV3ForCausalLM.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, trust_remote_code=False).eval()
+    except (OSError, ValueError) as err:
+        raise CLIError(f"cannot load {path} (a tokenizer and safetensors weights are needed): "
+                       f"{err}") from err
+    held_out = real_text_ids(tokenizer, args.length)
+    train = token_batches(tokenizer, calibration_text(args.calib), args.length, 64)
+    result = convert_v3_checkpoint(model, args.out, [held_out, *train], steps=args.steps,
+                                   lr=args.lr, progress=not args.quiet,
+                                   index_n_heads=args.index_heads,
+                                   index_head_dim=args.index_dim, index_topk=args.topk)
+    tokenizer.save_pretrained(args.out)
+    before, after = result["before"], result["after"]
+    print(f"DeepseekV32 checkpoint written to {args.out}; indexer recall of the dense attention "
+          f"on {args.length} held-out tokens, top-{args.topk}:")
+    print("| layer | training-free | calibrated | random selection | best selection |")
+    print("|---|---|---|---|---|")
+    for i, row in enumerate(zip(before["indexer"], after["indexer"], after["random"],
+                                after["best"], strict=True)):
+        print(f"| {i} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
     return 0
 
 
