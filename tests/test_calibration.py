@@ -130,7 +130,8 @@ def _free_port() -> int:
 
 def _ranks(out: Path, world: int) -> None:
     port = str(_free_port())
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "WORLD_SIZE": str(world),
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "WORLD_SIZE": str(world),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-P", str(TESTS / "distributed_calibration.py"),
                                str(out)], env={**env, "RANK": str(rank)},
