@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="queries sharing a selection (default: the device's)")
     convert.add_argument("--key-block", type=int, default=None,
                          help="two-stage key block, 0 = score every key (default: the device's)")
+    convert.add_argument("--selection", choices=["shared", "kv_head"], default="shared",
+                         help="one selection for all heads, or one per kv head")
     convert.add_argument("--length", type=positive_int, default=512,
                          help="tokens per calibration window and of the held-out text")
     convert.add_argument("--to", choices=["adapter", "deepseek_v32"], default="adapter",
@@ -275,7 +277,8 @@ def _convert(args: argparse.Namespace) -> int:
         return _convert_v3(args, path, model_config)
 
     options = {"topk": args.topk, "index_heads": args.index_heads, "index_dim": args.index_dim,
-               "query_block": args.query_block, "key_block": args.key_block}
+               "query_block": args.query_block, "key_block": args.key_block,
+               "selection": args.selection}
     result = convert(load, args.out, files=args.calib, steps=args.steps, lr=args.lr,
                      objective=args.objective,
                      length=args.length, progress=not args.quiet, **options)
