@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="queries sharing a selection (default: the device's)")
     convert.add_argument("--key-block", type=int, default=None,
                          help="two-stage key block, 0 = score every key (default: the device's)")
+    convert.add_argument("--eval-windows", type=positive_int, default=4,
+                         help="held-out windows of --length tokens the report averages over")
     convert.add_argument("--selection", choices=["shared", "kv_head"], default="shared",
                          help="one selection for all heads, or one per kv head")
     convert.add_argument("--length", type=positive_int, default=512,
@@ -280,7 +282,7 @@ def _convert(args: argparse.Namespace) -> int:
                "query_block": args.query_block, "key_block": args.key_block,
                "selection": args.selection}
     result = convert(load, args.out, files=args.calib, steps=args.steps, lr=args.lr,
-                     objective=args.objective,
+                     objective=args.objective, eval_windows=args.eval_windows,
                      length=args.length, progress=not args.quiet, **options)
     from .convert import report_markdown
 

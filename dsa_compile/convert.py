@@ -23,7 +23,7 @@ from .adapter import save_adapter
 from .backend import make_backend
 from .calibrate import calibrate, measure_recall
 from .config import DSAConfig
-from .demo import HELD_OUT_TOPICS, mean_pooled, real_text_ids
+from .demo import HELD_OUT_TOPICS, mean_pooled
 from .dynamo_compat import compile_isolated
 from .ownership import attach
 
@@ -41,7 +41,9 @@ def calibration_text(files: Sequence[str | Path] = ()) -> str:
 
 def token_batches(tokenizer, text: str, length: int, limit: int) -> list[torch.Tensor]:
     """Up to ``limit`` consecutive windows ``[1, length]`` of the text's tokens."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    # cut into windows below, so the model's maximum length is no concern here (verbose=False)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False,
+                    verbose=False)["input_ids"][0]
     windows = [ids[i:i + length][None] for i in range(0, len(ids) - length + 1, length)]
     if not windows:
         raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than one window of "
@@ -58,31 +60,46 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((mean_pooled(a) * mean_pooled(b)).sum())
 
 
-def _recall(model, ids, config: DSAConfig, **options) -> dict[str, Any]:
-    sites = measure_recall(model, [ids], config=config, **options)
+def held_out_windows(tokenizer, length: int, count: int) -> list[torch.Tensor]:
+    """Up to ``count`` windows of the held-out pydoc topics (never used for calibration)."""
+    from pydoc_data.topics import topics
+
+    return token_batches(tokenizer, "\n".join(topics[name] for name in HELD_OUT_TOPICS),
+                         length, count)
+
+
+def _recall(model, windows, config: DSAConfig, **options) -> dict[str, Any]:
+    sites = measure_recall(model, windows, config=config, **options)
     recall = [r for r, _ in sites.values()]
     best = [b for _, b in sites.values()]
     return {"per_layer": recall, "best_per_layer": best, "recall": sum(recall) / len(recall),
             "best": sum(best) / len(best)}
 
 
-def _quality(model, ids, config: DSAConfig, dense: torch.Tensor) -> dict[str, Any]:
-    """Recall at the config's granularity and exact per query, recall against budget, cosine."""
-    result = {"default": _recall(model, ids, config),
-              "tiles_all_keys": _recall(model, ids, config, key_block=0),
-              "exact": _recall(model, ids, config, query_block=1, key_block=0),
-              "budget": {k: _recall(model, ids, config, topk=k)["recall"] for k in BUDGETS}}
+def _quality(model, windows: list[torch.Tensor], config: DSAConfig,
+             dense: list[torch.Tensor]) -> dict[str, Any]:
+    """Recall at the config's granularity and exact per query, recall against budget, cosine:
+    means over the held-out windows."""
+    result = {"default": _recall(model, windows, config),
+              "tiles_all_keys": _recall(model, windows, config, key_block=0),
+              "exact": _recall(model, windows, config, query_block=1, key_block=0),
+              "budget": {k: _recall(model, windows, config, topk=k)["recall"] for k in BUDGETS}}
     sparse = compile_isolated(model, backend=make_backend(config.replace(mode="eager"),
                                                           root=model), dynamic=False)
-    with torch.no_grad():
-        result["cosine"] = _cosine(sparse(ids).last_hidden_state, dense)
+    result["cosine"] = _mean_cosine(sparse, windows, dense)
     return result
+
+
+def _mean_cosine(model, windows: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        return sum(_cosine(_hidden(model, ids), d) for ids, d in zip(windows, dense,
+                                                                     strict=True)) / len(windows)
 
 
 def convert(load: Callable[[], tuple[torch.nn.Module, Any]], out: str | Path, *,
             files: Sequence[str | Path] = (), steps: int = 150, lr: float = 1e-3,
             objective: str = "recall",
-            length: int = 512, batches: int = 64, progress: bool = True,
+            length: int = 512, batches: int = 64, eval_windows: int = 4, progress: bool = True,
             **options: Any) -> dict[str, Any]:
     """Calibrates the indexers of the model ``load()`` returns (with its tokenizer) and writes
     the adapter and the report to ``out``. ``options``: :class:`DSAConfig` fields."""
@@ -90,9 +107,9 @@ def convert(load: Callable[[], tuple[torch.nn.Module, Any]], out: str | Path, *,
     model, tokenizer = load()
     config = DSAConfig(**{"min_seq_len": 0, **options})
     train = token_batches(tokenizer, calibration_text(files), length, batches)
-    held_out = real_text_ids(tokenizer, length)
+    held_out = held_out_windows(tokenizer, length, eval_windows)
     with torch.no_grad():
-        dense = _hidden(model, held_out)
+        dense = [_hidden(model, ids) for ids in held_out]
     attach(model, train[0], config=config)
     before = _quality(model, held_out, config, dense)
     start = time.perf_counter()
@@ -103,12 +120,12 @@ def convert(load: Callable[[], tuple[torch.nn.Module, Any]], out: str | Path, *,
     fresh, _ = load()  # the adapter as written, through torch.compile's option
     compiled = torch.compile(fresh, backend="dsa",
                              options={"adapter": str(out), "mode": "eager"})
-    with torch.no_grad():
-        after["cosine_via_adapter"] = _cosine(_hidden(compiled, held_out), dense)
+    after["cosine_via_adapter"] = _mean_cosine(compiled, held_out, dense)
     result = {"config": config.to_dict(), "steps": steps, "lr": lr, "objective": objective,
               "calibration_batches":
               len(train), "tokens_per_batch": length, "calibration_seconds": seconds,
-              "held_out_tokens": int(held_out.shape[1]), "before": before, "after": after,
+              "held_out_tokens": int(sum(ids.shape[1] for ids in held_out)),
+              "held_out_windows": len(held_out), "before": before, "after": after,
               "loss": [row["loss"] for row in log.steps],
               "train_recall": [row["recall"] for row in log.steps]}
     write_report(result, out)
@@ -166,7 +183,8 @@ def report_markdown(result: dict[str, Any]) -> str:
         f"{result['lr']}) over "
         f"{result['calibration_batches']} windows of {result['tokens_per_batch']} tokens, "
         f"{result['calibration_seconds']:.0f} s. Evaluation: {result['held_out_tokens']} "
-        "held-out tokens (not used in calibration).",
+        f"held-out tokens in {result['held_out_windows']} windows (not used in calibration; "
+        "means over the windows).",
         f"Indexer: HI={config['index_heads']}, DI={config['index_dim']}; top-{config['topk']}; "
         f"query_block={config['query_block']}, key_block={config['key_block']} "
         "(None = the device default).", "",
