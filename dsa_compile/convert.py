@@ -87,6 +87,9 @@ def _quality(model, windows: list[torch.Tensor], config: DSAConfig,
     sparse = compile_isolated(model, backend=make_backend(config.replace(mode="eager"),
                                                           root=model), dynamic=False)
     result["cosine"] = _mean_cosine(sparse, windows, dense)
+    double = config.replace(mode="eager", topk=2 * config.topk)  # the next budget up
+    sparse = compile_isolated(model, backend=make_backend(double, root=model), dynamic=False)
+    result["cosine_double_topk"] = _mean_cosine(sparse, windows, dense)
     return result
 
 
@@ -195,6 +198,8 @@ def report_markdown(result: dict[str, Any]) -> str:
     lines.append(f"| pooled-embedding cosine, sparse vs dense | {before['cosine']:.4f} | "
                  f"{after['cosine']:.4f} (through the adapter: "
                  f"{after['cosine_via_adapter']:.4f}) | | |")
+    lines.append(f"| same, at top-{2 * config['topk']} | {before['cosine_double_topk']:.4f} | "
+                 f"{after['cosine_double_topk']:.4f} | | |")
     lines += ["", "Recall against budget (runtime granularity):", "",
               "| top-k | " + " | ".join(str(k) for k in before["budget"]) + " |",
               "|---|" + "---|" * len(before["budget"]),

@@ -173,6 +173,7 @@ def test_dsa_convert_writes_adapter_and_report(tmp_path, capsys):
     assert report["after"]["cosine_via_adapter"] == pytest.approx(report["after"]["cosine"],
                                                                   abs=1e-5)
     assert set(report["before"]["budget"]) == {"16", "32", "64", "128", "256"}
+    assert 0 < report["before"]["cosine"] <= report["before"]["cosine_double_topk"] + 0.05 <= 1.05
     assert len(report["after"]["default"]["per_layer"]) == 6
     fresh, _ = dsa_compile.demo.load_minilm("sdpa")
     assert len(dsa_compile.load_adapter(fresh, out)) == 6
