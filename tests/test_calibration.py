@@ -208,3 +208,25 @@ def test_output_objective_measures_the_sparse_output_error():
     assert call.q_proj.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="objective"):
         site_loss(call, 4, 1, "kl")
+
+
+def test_dsa_convert_a_local_causal_checkpoint(tmp_path):
+    """MODEL as a local HF directory (safetensors + tokenizer): a causal Llama converts, and
+    its adapter loads strictly into the checkpoint loaded again."""
+    import transformers
+
+    from dsa_compile.demo import load_minilm
+
+    source, out = tmp_path / "llama", tmp_path / "adapter"
+    config = transformers.LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=512)
+    transformers.LlamaForCausalLM(config).save_pretrained(source, safe_serialization=True)
+    load_minilm()[1].save_pretrained(source)
+    assert dsa(["convert", str(source), "--out", str(out), "--steps", "2", "--length", "64",
+                "--topk", "8", "--eval-windows", "2", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["held_out_windows"] == 2 and len(report["after"]["exact"]["per_layer"]) == 2
+    again = transformers.AutoModel.from_pretrained(source, local_files_only=True)
+    assert dsa_compile.load_adapter(again, out) == [f"layers.{i}.self_attn.dsa_indexer"
+                                                    for i in range(2)]
