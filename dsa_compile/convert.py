@@ -12,6 +12,7 @@ DIR})``, so it also checks the adapter as written.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -113,13 +114,18 @@ def convert(load: Callable[[], tuple[torch.nn.Module, Any]], out: str | Path, *,
     held_out = held_out_windows(tokenizer, length, eval_windows)
     with torch.no_grad():
         dense = [_hidden(model, ids) for ids in held_out]
+    say = _announcer(progress)
+    say(f"attaching training-free indexers; measuring them on {len(held_out)} held-out windows")
     attach(model, train[0], config=config)
     before = _quality(model, held_out, config, dense)
+    say(f"calibrating on {len(train)} windows of {length} tokens, {steps} steps")
     start = time.perf_counter()
     log = calibrate(model, train, steps=steps, lr=lr, objective=objective, progress=progress)
     seconds = time.perf_counter() - start
+    say("measuring the calibrated indexers")
     after = _quality(model, held_out, config, dense)
     save_adapter(model, out)
+    say(f"adapter written to {out}; checking it through torch.compile(options={{'adapter': ...}})")
     fresh, _ = load()  # the adapter as written, through torch.compile's option
     compiled = torch.compile(fresh, backend="dsa",
                              options={"adapter": str(out), "mode": "eager"})
@@ -133,6 +139,15 @@ def convert(load: Callable[[], tuple[torch.nn.Module, Any]], out: str | Path, *,
               "train_recall": [row["recall"] for row in log.steps]}
     write_report(result, out)
     return result
+
+
+def _announcer(progress: bool) -> Callable[[str], None]:
+    """Prints ``dsa convert: <phase>`` lines to stderr (nothing when ``progress`` is off)."""
+    def say(message: str) -> None:
+        if progress:
+            print(f"dsa convert: {message}", file=sys.stderr, flush=True)
+
+    return say
 
 
 def write_report(result: dict[str, Any], out: Path) -> None:

@@ -210,7 +210,7 @@ def test_output_objective_measures_the_sparse_output_error():
         site_loss(call, 4, 1, "kl")
 
 
-def test_dsa_convert_a_local_causal_checkpoint(tmp_path):
+def test_dsa_convert_a_local_causal_checkpoint(tmp_path, capsys):
     """MODEL as a local HF directory (safetensors + tokenizer): a causal Llama converts, and
     its adapter loads strictly into the checkpoint loaded again."""
     import transformers
@@ -224,7 +224,9 @@ def test_dsa_convert_a_local_causal_checkpoint(tmp_path):
     transformers.LlamaForCausalLM(config).save_pretrained(source, safe_serialization=True)
     load_minilm()[1].save_pretrained(source)
     assert dsa(["convert", str(source), "--out", str(out), "--steps", "2", "--length", "64",
-                "--topk", "8", "--eval-windows", "2", "--quiet"]) == 0
+                "--topk", "8", "--eval-windows", "2"]) == 0
+    phases = capsys.readouterr().err
+    assert "dsa convert: calibrating on" in phases and "calibrate [" in phases
     report = json.loads((out / "report.json").read_text())
     assert report["held_out_windows"] == 2 and len(report["after"]["exact"]["per_layer"]) == 2
     again = transformers.AutoModel.from_pretrained(source, local_files_only=True)
