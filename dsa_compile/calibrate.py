@@ -176,9 +176,12 @@ def measure_recall(model: torch.nn.Module, batches: Iterable[Any], config: DSACo
     """Per site (indexer name): ``(recall, best)`` of the runtime selection (``dsa::indexer_topk``
     at the config's granularity and budget) on ``batches``, against the best selection at the
     same granularity and budget, averaged over batches."""
+    names = _site_names(model)
+    if not names:
+        raise ValueError("measure_recall measures the model's own indexers and it has none: "
+                         "dsa_compile.attach(model, *example_inputs) or load_adapter first")
     base = config or getattr(model, "dsa_config", None) or DSAConfig()
     run_config = base.replace(**options)
-    names = _site_names(model)
     totals: dict[str, list[float]] = {}
     runner = _runner(model, run_config)
 
@@ -186,7 +189,7 @@ def measure_recall(model: torch.nn.Module, batches: Iterable[Any], config: DSACo
         query_block, key_block = run_config.granularity(call.q.device.type)
         recall, best = selection_recall(call, run_config.topk, query_block, key_block,
                                         run_config.candidate_blocks)
-        entry = totals.setdefault(names.get(id(call.q_proj), f"site {len(totals)}"), [0, 0, 0])
+        entry = totals.setdefault(names[id(call.q_proj)], [0, 0, 0])
         entry[0] += recall
         entry[1] += best
         entry[2] += 1

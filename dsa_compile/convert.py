@@ -24,7 +24,7 @@ from .adapter import save_adapter
 from .backend import make_backend
 from .calibrate import calibrate, measure_recall
 from .config import DSAConfig
-from .demo import HELD_OUT_TOPICS, mean_pooled
+from .demo import HELD_OUT_TOPICS, embedding_cosine
 from .dynamo_compat import compile_isolated
 from .ownership import attach
 
@@ -55,10 +55,6 @@ def token_batches(tokenizer, text: str, length: int, limit: int) -> list[torch.T
 def _hidden(model, ids: torch.Tensor) -> torch.Tensor:
     out = model(ids)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((mean_pooled(a) * mean_pooled(b)).sum())
 
 
 def held_out_windows(tokenizer, length: int, count: int) -> list[torch.Tensor]:
@@ -96,7 +92,7 @@ def _quality(model, windows: list[torch.Tensor], config: DSAConfig,
 
 def _mean_cosine(model, windows: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
     with torch.no_grad():
-        return sum(_cosine(_hidden(model, ids), d) for ids, d in zip(windows, dense,
+        return sum(embedding_cosine(_hidden(model, ids), d) for ids, d in zip(windows, dense,
                                                                      strict=True)) / len(windows)
 
 

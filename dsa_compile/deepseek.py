@@ -137,7 +137,6 @@ def _indexer_scores(layer, hidden: torch.Tensor, position_embeddings, causal_mas
 def _dense_run(model, ids: torch.Tensor):
     """Each layer's attention input and the head-averaged dense attention ``[B, S, T]``: the
     model run with every key selected (``index_topk`` lifted), i.e. the dense V3 model."""
-    # ``model`` may be a V3 model (no indexer) only through ``to_deepseek_v32``
     captured: list[tuple] = []
     hooks = [layer.self_attn.register_forward_pre_hook(
         lambda _m, args, kwargs: captured.append((kwargs.get("hidden_states", args[0] if args

@@ -60,6 +60,11 @@ def real_text_ids(tokenizer, length: int) -> torch.Tensor:
     return ids
 
 
+def embedding_cosine(hidden: torch.Tensor, reference: torch.Tensor) -> float:
+    """Cosine of the mean-pooled sentence embeddings of two hidden-state tensors."""
+    return float((mean_pooled(hidden) * mean_pooled(reference)).sum())
+
+
 def mean_pooled(hidden: torch.Tensor) -> torch.Tensor:
     """Sentence-transformers' pooling for this model: mean over tokens, L2-normalised."""
     return torch.nn.functional.normalize(hidden.mean(dim=1), dim=-1)
@@ -80,7 +85,7 @@ def _quality(model, ids, sparse: DSAConfig, probs, dense_hidden, query_block: in
         _run(model, ids, sparse.replace(min_seq_len=length))
     recall = [attention_mass_recall(p, sel, query_block) for p, sel in zip(probs, selections,
                                                                           strict=True)]
-    cosine = float((mean_pooled(_run(model, ids, sparse)) * mean_pooled(dense_hidden)).sum())
+    cosine = embedding_cosine(_run(model, ids, sparse), dense_hidden)
     return {"recall_per_layer": recall, "recall": sum(recall) / len(recall),
             "embedding_cosine": cosine}
 

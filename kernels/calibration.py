@@ -45,7 +45,6 @@ class SiteLoss:
     loss: torch.Tensor
     recall: float
     best_recall: float
-    rows: int
 
 
 def _prepared(call: SiteCall, select_all: bool):
@@ -181,7 +180,7 @@ def site_loss(call: SiteCall, topk: int, query_block: int = 1,
         else:
             total = total + _output_error(call, per_query, kept, query_block, size) * batch * tiles
         rows_seen += batch * tiles
-    return SiteLoss(total / rows_seen, recall / rows_seen, best / rows_seen, rows_seen)
+    return SiteLoss(total / rows_seen, recall / rows_seen, best / rows_seen)
 
 
 def selection_recall(call: SiteCall, topk: int, query_block: int, key_block: int,

@@ -118,6 +118,8 @@ def test_calibrate_attaches_when_needed_and_checks_its_input():
     ids = torch.randint(0, 100, (1, 24))
     with pytest.raises(ValueError, match="at least one batch"):
         calibrate(model, [])
+    with pytest.raises(ValueError, match="has none"):
+        measure_recall(model, [ids])
     calibrate(model, [ids], steps=2, progress=False, topk=4, query_block=2)
     assert len(indexers_of(model)) == 2 and model.dsa_config.topk == 4
 
