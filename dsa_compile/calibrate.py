@@ -87,6 +87,8 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any], steps: int = 150,
     device = next(iter(indexers.values())).q_proj.device
     query_block = run_config.granularity(device.type)[0]
     params = [p for indexer in indexers.values() for p in indexer.tensors()]
+    masks = [(getattr(indexer, name), mask) for indexer in indexers.values()
+             for name, mask in indexer.structure_masks().items()]
     optimizer = torch.optim.Adam(params, lr=lr)
     names = _site_names(model)
     rank, world = _distributed()
@@ -123,6 +125,9 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any], steps: int = 150,
                 raise RuntimeError("no rewritten site ran during calibration (graph breaks or "
                                    "sites kept dense: dsa_compile.explain says why)")
             _all_reduce_gradients(params, world)
+            for p, mask in masks:  # Adam leaves an entry whose gradient is always 0 unchanged
+                if p.grad is not None:
+                    p.grad.mul_(mask)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             row = {"step": step + 1,

@@ -86,6 +86,22 @@ class DSAIndexer(torch.nn.Module):
         """The parameters in the order the rewritten graph takes them."""
         return [getattr(self, name) for name in PARAMETERS]
 
+    def structure_masks(self) -> dict[str, torch.Tensor]:
+        """Per parameter name, the entries training may change (1) or must keep at zero (0):
+        with ``per_kv_head``, group g's index heads read only the queries of g's heads and kv
+        head g's keys (block-diagonal ``q_proj`` and ``k_proj``); a dense indexer has none."""
+        if not self.info.per_kv_head:
+            return {}
+        groups, dim = self.groups, self.info.head_dim
+        group = self.info.heads // groups
+        masks = {"q_proj": torch.zeros_like(self.q_proj), "k_proj": torch.zeros_like(self.k_proj)}
+        q_width = self.q_proj.shape[1] // groups
+        for g in range(groups):
+            masks["q_proj"][g * group * dim:(g + 1) * group * dim,
+                            g * q_width:(g + 1) * q_width] = 1
+            masks["k_proj"][g * dim:(g + 1) * dim, g * self.index_dim:(g + 1) * self.index_dim] = 1
+        return masks
+
     def shapes(self) -> dict[str, list[int]]:
         return {name: list(getattr(self, name).shape) for name in PARAMETERS}
 

@@ -170,6 +170,9 @@ MUTATIONS: list[Mutation] = [
     Mutation("v3 -> v32: rotary rows left interleaved", "dsa_compile/deepseek.py",
              "    return torch.cat([rows[0::2], rows[1::2]])", "    return rows",
              ("tests/test_deepseek_convert.py", "-k", "dsa_convert")),
+    Mutation("calibration trains the zero blocks of per-kv-head indexers",
+             "dsa_compile/calibrate.py", "                    p.grad.mul_(mask)",
+             "                    pass", ("tests/test_per_kv_head.py", "-k", "block_diagonal")),
 ]
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -115,3 +115,22 @@ def test_selection_kv_head_end_to_end(tmp_path):
     torch.testing.assert_close(again, per_head, rtol=0, atol=0)
     with pytest.raises(dsa_compile.DSAConfigError, match="selection"):
         dsa_compile.DSAConfig(selection="per_head")
+
+
+def test_calibration_keeps_per_kv_head_indexers_block_diagonal():
+    """Training moves each group's own block only: group g still reads only g's queries and
+    kv head g's keys (an Adam step on the zero blocks once wrecked recall after one step)."""
+    torch.compiler.reset()
+    model = tiny_model("llama", "sdpa")
+    ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(2))
+    dsa_compile.attach(model, ids[:1], topk=8, selection="kv_head", query_block=4, key_block=0)
+    indexer = model.model.layers[0].self_attn.dsa_indexer
+    before = {name: getattr(indexer, name).detach().clone() for name in ("q_proj", "k_proj")}
+    masks = indexer.structure_masks()
+    assert masks["q_proj"].sum() < masks["q_proj"].numel()  # some blocks are off
+    dsa_compile.calibrate(model, [ids[:1], ids[1:]], steps=3, lr=1e-2, progress=False)
+    for name, mask in masks.items():
+        after = getattr(indexer, name).detach()
+        assert torch.equal(after[mask == 0], before[name][mask == 0])
+        assert not torch.equal(after[mask == 1], before[name][mask == 1])
+        assert (before[name][mask == 0] == 0).all()
