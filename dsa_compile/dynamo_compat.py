@@ -9,6 +9,7 @@ compiles a fresh entry function whose code object is its own.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
@@ -76,3 +77,12 @@ def traced_locals() -> dict[str, Any]:
         return dict(tx.f_locals) if tx is not None else {}
     except Exception:  # noqa: BLE001 - any change of the private API means "not available"
         return {}
+
+
+def specialized_floats() -> contextlib.AbstractContextManager:
+    """Within the block, Dynamo bakes Python float attributes of a model (``self.scaling``,
+    ``variance_epsilon``) into the graph as constants even when it traces with dynamic shapes,
+    where torch's default lifts them to graph inputs read by ``.item()`` (unbacked floats, which
+    ``torch.export`` keeps as data-dependent values and the ONNX exporter cannot carry into a
+    ``torch.cond`` branch). Dynamo's config is private: this is the one place that sets it."""
+    return torch._dynamo.config.patch(specialize_float=True)

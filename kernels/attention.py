@@ -215,39 +215,97 @@ def dsa_attention(
     selection per kv head (shapes in :func:`indexer_inputs`). SDPA's ``is_causal`` is top-left
     aligned: query t sees keys s <= t.
     """
-    batch, lq, lk = q.shape[0], q.shape[2], k.shape[2]
+    lk = k.shape[2]
+    if torch.compiler.is_exporting():
+        return _exported_attention(q, k, v, attn_mask, (q_proj, k_proj, head_weights), is_causal,
+                                   scale, enable_gqa, topk, dense_up_to,
+                                   (query_block, key_block, candidate_blocks), per_kv_head)
     dense = lk <= dense_up_to
     select_all = topk >= lk
-    topk = max(1, min(topk, lk))  # more slots than keys would only hold -1
-    query_block, key_block = granularity(q.device, query_block, key_block)
 
     def sdpa() -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(attn_mask, q.dtype),
-                                              is_causal=is_causal, scale=scale,
-                                              enable_gqa=enable_gqa)
+        return _sdpa(q, k, v, attn_mask, is_causal, scale, enable_gqa)
 
     if _intercept is not None:
         return _intercept(SiteCall(q, k, v, attn_mask, q_proj, k_proj, head_weights, is_causal,
                                    scale, enable_gqa, sdpa, per_kv_head))
     if dense and _capture is None:
         return sdpa()
-    q_idx, k_idx, weights = indexer_inputs(q, k, q_proj, k_proj, head_weights, per_kv_head)
+    # more slots than keys would only hold -1
+    return _sparse(q, k, v, attn_mask, (q_proj, k_proj, head_weights), is_causal, scale,
+                   max(1, min(topk, lk)), select_all, (query_block, key_block, candidate_blocks),
+                   per_kv_head, sdpa if dense else None)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+          is_causal: bool, scale: float | None, enable_gqa: bool) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(attn_mask, q.dtype),
+                                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+            indexer: tuple[torch.Tensor, torch.Tensor, torch.Tensor], is_causal: bool,
+            scale: float | None, topk: int, select_all: bool,
+            blocks: tuple[int | None, int | None, int], per_kv_head: bool,
+            dense: Callable[[], torch.Tensor] | None = None,
+            indexer_q: torch.Tensor | None = None) -> torch.Tensor:
+    """The sparse path of :func:`dsa_attention` (``dense``: what to return after a capture
+    probe recorded the selection of a site that runs dense; ``indexer_q``: the queries the
+    indexer reads when they differ from those attention reads)."""
+    batch, heads, lq = q.shape[:3]
+    lk = k.shape[2]
+    query_block, key_block = granularity(q.device, blocks[0], blocks[1])
+    q_idx, k_idx, weights = indexer_inputs(q if indexer_q is None else indexer_q, k, *indexer,
+                                           per_kv_head)
     bias, visible = mask_to_bias_and_visibility(attn_mask, batch, lq, lk, select_all)
     if bias is not None and not select_all and query_block > 1 and visible.dim() == 3:
         # A tile shares one selection: a key masked out for one query may be chosen for another
         # of its tile; it must not carry that query's (finite, tiny) weight.
         bias = bias.masked_fill(~visible[:, None], float("-inf"))
-    heads = q.shape[1]
     if per_kv_head:
         q, k, v, bias, visible = fold_kv_heads(q, k, v, bias, visible)
     indices = indexer_topk(q_idx, k_idx, weights, topk, is_causal, 0, visible, query_block,
-                           key_block, candidate_blocks)
+                           key_block, blocks[2])
     if _capture is not None:
         _capture.append(indices)
-        if dense:  # measuring only: the site still computes what it would without the probe
-            return sdpa()
+        if dense is not None:  # measuring only: the site computes what it would without the probe
+            return dense()
     out, _ = sparse_attention(q, k, v, indices, scale, bias, is_causal, 0, query_block)
     return out.reshape(batch, heads, lq, out.shape[-1]) if per_kv_head else out
+
+
+def _exported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        attn_mask: torch.Tensor | None,
+                        indexer: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                        is_causal: bool, scale: float | None, enable_gqa: bool, topk: int,
+                        dense_up_to: int, blocks: tuple[int | None, int | None, int],
+                        per_kv_head: bool) -> torch.Tensor:
+    """:func:`dsa_attention` under ``torch.export``: one program for every sequence length.
+    ``torch.cond`` picks dense SDPA at ``<= dense_up_to`` keys (an ONNX ``If``), else the
+    sparse ops with ``topk`` slots per row (rows with fewer visible keys end in ``-1``, which is
+    what clamping ``topk`` to the keys computes)."""
+    q_attend = q
+    if scale is not None and not isinstance(scale, (int, float)):
+        # A traced scale (a model attribute Dynamo lifted as an input) cannot enter a branch
+        # of torch.cond: it scales the queries attention reads instead (not the indexer's).
+        q_attend, scale = q * scale, 1.0
+    operands = (q, q_attend, k, v, *indexer, *(() if attn_mask is None else (attn_mask,)))
+
+    def dense_branch(q, q_attend, k, v, q_proj, k_proj, head_weights, *mask):
+        return _sdpa(q_attend, k, v, mask[0] if mask else None, is_causal, scale,
+                     enable_gqa).contiguous()  # both branches return one layout
+
+    def sparse_branch(q, q_attend, k, v, q_proj, k_proj, head_weights, *mask):
+        # select_all=False: keys within MASKED_BIAS_MARGIN of a row's best bias stay visible, so
+        # a full selection differs from the eager one by at most e^-100 of a row's mass.
+        return _sparse(q_attend, k, v, mask[0] if mask else None,
+                       (q_proj, k_proj, head_weights), is_causal, scale, topk, False, blocks,
+                       per_kv_head, indexer_q=q).contiguous()
+
+    short = k.shape[2] <= dense_up_to
+    if isinstance(short, bool):  # a static length: no branch to keep
+        return (dense_branch if short else sparse_branch)(*operands)
+    return torch.cond(short, dense_branch, sparse_branch, operands)
 
 
 def indexed_attention(
