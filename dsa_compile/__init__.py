@@ -11,6 +11,7 @@ from .calibrate import CalibrationResult, calibrate, measure_recall
 from .config import DSAConfig, DSAConfigError
 from .export import export
 from .kernels import DSAInputError, indexer_scores, indexer_topk, sparse_attention
+from .onnx_export import OnnxExport, export_onnx
 from .ownership import DSAAdapterError, attach, detach
 from .passes.indexers import DSAIndexer
 
@@ -28,6 +29,8 @@ __all__ = [
     "detach",
     "explain",
     "export",
+    "export_onnx",
+    "OnnxExport",
     "load_adapter",
     "measure_recall",
     "save_adapter",

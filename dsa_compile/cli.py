@@ -120,6 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(handler=_convert)
 
+    export = command("export", "export a model with its attention rewritten to an ONNX file "
+                     "(dsa-domain nodes with standard-op functions: any runtime runs it)")
+    export.add_argument("model", help="'minilm' (the embedded default) or a local HF model "
+                                      "directory (safetensors weights; no custom model code)")
+    export.add_argument("--onnx", required=True, metavar="OUT", help="the .onnx file to write")
+    export.add_argument("--adapter", default=None, metavar="DIR",
+                        help="indexers from this adapter (default: training-free)")
+    export.add_argument("--topk", type=positive_int, default=64,
+                        help="keys per query tile; sequences of at most topk keys run dense")
+    export.add_argument("--query-block", type=positive_int, default=None,
+                        help="queries sharing a selection (default: the GPU's, 64)")
+    export.add_argument("--length", type=positive_int, default=None,
+                        help="tokens of the example input (default: 2 * topk, capped by the "
+                             "model's positions)")
+    export.add_argument("--no-check", action="store_true",
+                        help="skip the ONNX Runtime parity check at three lengths")
+    export.set_defaults(handler=_export)
+
     inspect.add_argument("model", help="'minilm' (the embedded default) or a local HF model "
                                        "directory (safetensors weights; no custom model code)")
     inspect.add_argument("--length", type=positive_int, default=128, help="tokens of the probe input")
@@ -288,6 +306,51 @@ def _convert(args: argparse.Namespace) -> int:
 
     print(report_markdown(result))
     print(f"adapter and report written to {args.out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .onnx_export import FirstOutput, export_onnx
+
+    path, model_config = _read_config(args.model)
+    if args.adapter is not None and not Path(args.adapter, "dsa_config.json").is_file():
+        raise CLIError(f"argument --adapter: {args.adapter} holds no dsa_config.json")
+    most = model_config.get("max_position_embeddings")
+    most = most if isinstance(most, int) else 1 << 20
+    length = args.length or min(2 * args.topk, most)
+    if length > most or length < 2:
+        raise CLIError(f"argument --length: must be in [2, {most}], got {length}")
+    model = FirstOutput(_load_model(path, "sdpa"))
+    vocab = int(getattr(model.model.config, "vocab_size", 1000))
+    gen = torch.Generator().manual_seed(0)
+    example = (torch.randint(0, vocab, (2, length), generator=gen),
+               torch.ones(2, length, dtype=torch.long))
+    options = {"topk": args.topk, "query_block": args.query_block, "adapter": args.adapter}
+    result = export_onnx(model, example, args.onnx, input_names=["input_ids", "attention_mask"],
+                         output_names=["output"], **options)
+    size = Path(args.onnx).stat().st_size / 2**20
+    print(f"wrote {args.onnx} ({size:.1f} MiB): {result.dsa_nodes} dsa nodes, query_block "
+          f"{result.config.query_block}, topk {args.topk}; dynamic dims {result.dynamic}")
+    if args.no_check:
+        return 0
+    from .plugins.onnx_export import ort_session
+
+    session = ort_session(args.onnx)
+    for probe in sorted({max(2, args.topk // 2), min(args.topk + 1, most), min(3 * args.topk,
+                                                                               most)}):
+        ids = torch.randint(0, vocab, (1, probe), generator=gen)
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            expected = torch.compile(model, backend="dsa",
+                                     options={**result.config.to_dict(), "mode": "eager"})(ids,
+                                                                                          mask)
+        torch.compiler.reset()
+        (got,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+        gap = float(np.abs(got - expected.numpy()).max())
+        print(f"  length {probe}: max |ORT - torch| = {gap:.2e}")
     return 0
 
 

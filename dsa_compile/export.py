@@ -25,7 +25,8 @@ from .passes.rewrite import RewriteResult, rewrite_sites
 class RewrittenModule(torch.nn.Module):
     """The rewritten Dynamo graph, with every non-user input held as state under the model's
     own names: parameters and buffers as ``model.state_dict()`` names them, indexers as
-    ``<module path>.dsa_indexer.*``."""
+    ``<module path>.dsa_indexer.*`` (a wrapper module that sets ``dsa_state_prefix`` has it
+    removed: the wrapped model's names)."""
 
     def __init__(self, model: torch.nn.Module, result: RewriteResult,
                  example_inputs: Sequence[Any], user_args: Sequence[torch.Tensor],
@@ -50,6 +51,7 @@ class RewrittenModule(torch.nn.Module):
                                  "a size of one; export with static shapes")
             else:
                 name = names.get(id(value), f"graph_input_{i}")
+                name = name.removeprefix(getattr(model, "dsa_state_prefix", ""))
                 kind = "parameter" if isinstance(value, torch.nn.Parameter) else "buffer"
                 self._slots.append((kind, name))
                 _install(self, name, value)

@@ -289,23 +289,32 @@ def _exported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # A traced scale (a model attribute Dynamo lifted as an input) cannot enter a branch
         # of torch.cond: it scales the queries attention reads instead (not the indexer's).
         q_attend, scale = q * scale, 1.0
-    operands = (q, q_attend, k, v, *indexer, *(() if attn_mask is None else (attn_mask,)))
+    # torch.cond refuses operands that alias (q, k, v split from one projection; q twice):
+    # copies of the activations, which export as Identity (the indexer weights stay as they
+    # are: the file names them).
+    activations = (q, q_attend, k, v, *(() if attn_mask is None else (attn_mask,)))
+    q, q_attend, k, v, *mask = (x.clone() for x in activations)
+    operands = (q, q_attend, k, v, *indexer, *mask)
 
     def dense_branch(q, q_attend, k, v, q_proj, k_proj, head_weights, *mask):
         return _sdpa(q_attend, k, v, mask[0] if mask else None, is_causal, scale,
-                     enable_gqa).contiguous()  # both branches return one layout
+                     enable_gqa).reshape(-1)
 
     def sparse_branch(q, q_attend, k, v, q_proj, k_proj, head_weights, *mask):
         # select_all=False: keys within MASKED_BIAS_MARGIN of a row's best bias stay visible, so
         # a full selection differs from the eager one by at most e^-100 of a row's mass.
         return _sparse(q_attend, k, v, mask[0] if mask else None,
                        (q_proj, k_proj, head_weights), is_causal, scale, topk, False, blocks,
-                       per_kv_head, indexer_q=q).contiguous()
+                       per_kv_head, indexer_q=q).reshape(-1)
 
     short = k.shape[2] <= dense_up_to
     if isinstance(short, bool):  # a static length: no branch to keep
-        return (dense_branch if short else sparse_branch)(*operands)
-    return torch.cond(short, dense_branch, sparse_branch, operands)
+        flat = (dense_branch if short else sparse_branch)(*operands)
+        return flat.view(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+    # Both branches return the output flat: torch.cond compares the strides of its branches'
+    # outputs, which it cannot do for the symbolic sizes of some models' views.
+    flat = torch.cond(short, dense_branch, sparse_branch, operands)
+    return flat.view(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
 
 
 def indexed_attention(

@@ -28,6 +28,7 @@ from .chunking import (
     row_columns,
     rows_per_chunk,
 )
+from .topk import topk_lowest_ties
 
 NEG_INF = float("-inf")
 
@@ -226,7 +227,7 @@ def indexer_topk(
             if member is not None and member.shape[0] > 1:  # rows of the chunk differ
                 scores.masked_fill_(~member, NEG_INF)
             found = min(topk, positions.numel())
-            values, picked = scores.topk(found, dim=-1)
+            values, picked = topk_lowest_ties(scores, found)
             picked = positions[picked].masked_fill_(torch.isneginf(values), -1)
             out[b, ch.r0 : ch.r1, :found] = picked.to(torch.int32)
     return out

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .topk import topk_lowest_ties
+
 CHUNK_BYTES = 1 << 30
 DECODE_QUERIES = 8  # at most this many queries: the decode kernel (heads as rows)
 
@@ -272,7 +274,7 @@ def indexer_topk_cuda(
         score_block(q_idx, k_idx, weights, scores, t0, t1 - t0, end, causal, q_offset, key_mask,
                     query_block, k_scale)
         found = min(topk, end)
-        values, picked = scores.topk(found, dim=-1)
+        values, picked = topk_lowest_ties(scores, found)
         picked = picked.masked_fill_(torch.isneginf(values), -1)
         out[:, r0:r1, :found] = picked.to(torch.int32)
     return out

@@ -15,7 +15,7 @@ from typing import Any
 
 import onnx
 import torch
-from onnxscript import BOOL, FLOAT
+from onnxscript import BOOL, FLOAT, INT32
 from onnxscript import opset18 as op
 
 from .onnx_ops import DOMAIN, PLUGIN_NAMESPACE, VERSION, dsa, function_protos, register_schemas
@@ -45,6 +45,8 @@ def _indexer_topk(q_idx, k_idx, weights, topk, causal=False, q_offset=0, key_mas
 
 def _sparse_attention(q, k, v, indices, scale=None, bias=None, causal=False, q_offset=0,
                       query_block=1):
+    if indices.dtype != INT32.dtype:  # a model's own indexer (DeepseekV32) gives int64
+        indices = op.Cast(indices, to=INT32.dtype)
     if scale is None:
         dim = q.shape[-1]
         if not isinstance(dim, int):
@@ -87,10 +89,13 @@ def program_to_onnx(program: torch.export.ExportedProgram, path: str | os.PathLi
                     input_names: Sequence[str] | None = None,
                     output_names: Sequence[str] | None = None) -> onnx.ModelProto:
     """Writes ``program`` (holding dsa ops) as an ONNX file that any runtime runs; returns it."""
+    # optimize=False: the optimizer merges equal initializers (two sites' training-free
+    # head_weights), and each site's indexer must keep its own name; ONNX Runtime optimizes
+    # the graph at load anyway.
     exported = torch.onnx.export(program, dynamo=True, custom_translation_table=translations(),
                                  input_names=list(input_names) if input_names else None,
                                  output_names=list(output_names) if output_names else None,
-                                 optimize=True)
+                                 optimize=False)
     model = with_functions(exported.model_proto)
     onnx.save(model, os.fspath(path))
     onnx.checker.check_model(os.fspath(path), full_check=True)

@@ -9,7 +9,8 @@ ARCHS = ["llama", "qwen2", "mistral", "gpt2", "bert"]
 LAYERS = 2
 
 
-def tiny_model(arch: str, impl: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(arch: str, impl: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """``overrides``: config fields changed (deepseek_v32 only)."""
     torch.manual_seed(seed)
     if arch in ("llama", "qwen2", "mistral"):
         config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
@@ -42,13 +43,14 @@ def tiny_model(arch: str, impl: str, seed: int = 0) -> torch.nn.Module:
     elif arch == "deepseek_v32":
         # Dense MLPs in every layer (first_k_dense_replace): MoE routing would amplify 1e-7
         # differences into different experts.
-        config = transformers.DeepseekV32Config(
+        fields = dict(
             vocab_size=100, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
             num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4,
             n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1,
             first_k_dense_replace=LAYERS, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
             qk_nope_head_dim=8, v_head_dim=16, index_n_heads=2, index_head_dim=16, index_topk=8,
             max_position_embeddings=512, attn_implementation=impl)
+        config = transformers.DeepseekV32Config(**{**fields, **overrides})
         model = transformers.AutoModelForCausalLM.from_config(config)
     else:
         raise ValueError(arch)
