@@ -20,12 +20,12 @@ def topk_lowest_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     # Within the winners, equal values must also be in ascending index order.
     unordered = ((values[..., 1:] == values[..., :-1]) &
                  (picked[..., 1:] < picked[..., :-1])).any(-1)
-    redo = ties | unordered
+    redo = (ties | unordered) & ~kth.squeeze(-1).isnan()  # a NaN k-th place: as torch ranks
     if not bool(redo.any()):
         return values, picked
     rows = scores[redo]
     row_kth = kth[redo]
-    above = rows > row_kth
+    above = (rows > row_kth) | rows.isnan()  # torch.topk ranks NaN above every number
     equal = rows == row_kth
     slots = k - above.sum(-1, keepdim=True)
     chosen = above | (equal & (equal.cumsum(-1) <= slots))  # exactly k per row

@@ -19,6 +19,13 @@ def tiny_model(arch: str, impl: str, seed: int = 0, **overrides) -> torch.nn.Mod
                             num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
                             max_position_embeddings=512, attn_implementation=impl)
         model = transformers.AutoModelForCausalLM.from_config(config)
+    elif arch == "phi3":  # fused qkv_proj (added as the untested family of the ONNX export)
+        config = transformers.Phi3Config(vocab_size=100, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=LAYERS, num_attention_heads=4,
+                                         num_key_value_heads=2, max_position_embeddings=512,
+                                         pad_token_id=0, eos_token_id=0, bos_token_id=0,
+                                         attn_implementation=impl)
+        model = transformers.AutoModelForCausalLM.from_config(config)
     elif arch == "gpt2":
         config = transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=LAYERS, n_head=4,
                                          n_positions=512, bos_token_id=0, eos_token_id=0,

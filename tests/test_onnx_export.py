@@ -59,6 +59,11 @@ def test_topk_lowest_ties_breaks_ties_toward_lower_indices():
     values, picked = topk_lowest_ties(noisy, 10)
     order = torch.sort(-noisy, dim=-1, stable=True).indices[:, :10]  # reference: stable sort
     assert torch.equal(picked, order)
+    noisy[:5, 7] = float("nan")  # NaN ranks first, as in torch.topk
+    noisy[5:9, 3] = float("inf")
+    values, picked = topk_lowest_ties(noisy, 10)
+    assert (picked[:5, 0] == 7).all() and (picked[5:9, 0] == 3).all()
+    assert torch.equal(picked[9:], torch.sort(-noisy[9:], dim=-1, stable=True).indices[:, :10])
 
 
 @pytest.mark.parametrize("query_block", [1, 4])
@@ -152,7 +157,8 @@ OPTIONS = dict(topk=8, query_block=4, key_block=0)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "bert", "deepseek_v32"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "bert", "deepseek_v32",
+                                  "phi3"])
 def test_hf_family_runs_in_onnx_runtime_with_parity(arch, tmp_path):
     """One file per model, batch and length dynamic: at 6 keys every site runs dense (the If's
     dense branch), at 33 and 77 the dsa nodes select 8 keys per 4-query tile."""
