@@ -68,3 +68,10 @@ def test_adapter_round_trip(tmp_path):
     assert result["loaded_vs_saved"] == 0.0
     assert result["detached_vs_dense"] == 0.0 and result["state_dict_after_detach"] == 0
     assert (tmp_path / "dsa_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_export_onnx():
+    result = load("export_onnx").main(topk=64, lengths=(40, 200))
+    assert result["dsa_nodes"] == 12
+    assert max(result["gaps"].values()) < 1e-4
