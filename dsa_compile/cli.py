@@ -138,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip the ONNX Runtime parity check at three lengths")
     export.set_defaults(handler=_export)
 
+    trt = command("trt", "TensorRT: build an engine from an exported ONNX file (the dsa sparse "
+                  "attention runs as a plugin whose kernel is the Triton kernel, compiled ahead "
+                  "of time)")
+    trt.add_argument("action", choices=["build"], help="build: ONNX file -> serialized engine")
+    trt.add_argument("onnx", help="an ONNX file written by `dsa export`")
+    trt.add_argument("--out", required=True, help="the engine file to write")
+    trt.add_argument("--fp16", action="store_true", help="let TensorRT run layers in fp16")
+    trt.add_argument("--max-batch", type=positive_int, default=8)
+    trt.add_argument("--min-length", type=positive_int, default=1)
+    trt.add_argument("--opt-length", type=positive_int, default=2048)
+    trt.add_argument("--max-length", type=positive_int, default=8192)
+    trt.set_defaults(handler=_trt)
+
     inspect.add_argument("model", help="'minilm' (the embedded default) or a local HF model "
                                        "directory (safetensors weights; no custom model code)")
     inspect.add_argument("--length", type=positive_int, default=128, help="tokens of the probe input")
@@ -352,6 +365,45 @@ def _export(args: argparse.Namespace) -> int:
         (got,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
         gap = float(np.abs(got - expected.numpy()).max())
         print(f"  length {probe}: max |ORT - torch| = {gap:.2e}")
+    return 0
+
+
+def trt_profile(onnx_path: str, max_batch: int, lengths: tuple[int, int, int]
+                ) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """(min, opt, max) shapes of each graph input of an exported file: dim 0 batch, dim 1
+    sequence, other dims as the file fixes them."""
+    import onnx
+
+    model = onnx.load(onnx_path, load_external_data=False)
+    profile = {}
+    for graph_input in model.graph.input:
+        dims = graph_input.type.tensor_type.shape.dim
+        fixed = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        shapes = []
+        for batch, length in ((1, lengths[0]), (1, lengths[1]), (max_batch, lengths[2])):
+            shape = [batch if i == 0 and n is None else length if i == 1 and n is None else n
+                     for i, n in enumerate(fixed)]
+            if any(n is None for n in shape):
+                raise CLIError(f"input {graph_input.name} has a dynamic dim past the first two")
+            shapes.append(tuple(shape))
+        profile[graph_input.name] = tuple(shapes)
+    return profile
+
+
+def _trt(args: argparse.Namespace) -> int:
+    if not Path(args.onnx).is_file():
+        raise CLIError(f"{args.onnx} is not a file")
+    if not args.min_length <= args.opt_length <= args.max_length:
+        raise CLIError("lengths must satisfy --min-length <= --opt-length <= --max-length")
+    profile = trt_profile(args.onnx, args.max_batch,
+                          (args.min_length, args.opt_length, args.max_length))
+    from .plugins.tensorrt import build_engine
+
+    try:
+        build_engine(args.onnx, args.out, profile, fp16=args.fp16)
+    except RuntimeError as err:
+        raise CLIError(str(err)) from err
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -173,6 +173,32 @@ def _sparse_attention_fwd(
 
 
 @triton.jit
+def sparse_attention_fwd_plugin(
+    Q, K, V, IDX, BIAS,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, si_b, si_r,
+    sb_b, sb_h, sb_t, sb_s, so_b, so_h, so_t, sl_b, sl_h, sl_t,
+    LQ, LK, TOPK, GROUP, q_offset,
+    OUT, LSE,
+    QK_SCALE: tl.constexpr,
+    QUERY_BLOCK: tl.constexpr, QB: tl.constexpr, GB: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRELOAD_Q: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
+):
+    """:func:`_sparse_attention_fwd` in TensorRT's plugin calling convention: the input
+    pointers, then the int32 scalars, then the output pointers; one split (``split_len =
+    TOPK``), innermost strides 1, the scale (with log2(e)) a compile-time constant (a plugin
+    attribute). Grid as :func:`sparse_attention_fwd` launches it with one split."""
+    _sparse_attention_fwd(
+        Q, K, V, IDX, BIAS, OUT, LSE,
+        sq_b, sq_h, sq_t, 1, sk_b, sk_h, sk_s, 1, sv_b, sv_h, sv_s, 1, si_b, si_r, 1,
+        sb_b, sb_h, sb_t, sb_s, so_b, so_h, so_t, 0, 1, sl_b, sl_h, sl_t, 0,
+        LQ, LK, TOPK, GROUP, q_offset, QK_SCALE, TOPK,
+        QUERY_BLOCK, QB, GB, D, BD, DV, BDV, BK, CAUSAL, HAS_BIAS, PRELOAD_Q, D_MAIN, D_TAIL,
+    )
+
+
+@triton.jit
 def _sparse_attention_bwd(
     Q, K, V, IDX, BIAS, DO, LSE, DELTA, GLSE, DQ, DK, DV, DBIAS,
     sq_b, sq_h, sq_t, sq_d: tl.constexpr,

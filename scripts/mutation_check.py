@@ -173,6 +173,22 @@ MUTATIONS: list[Mutation] = [
     Mutation("calibration trains the zero blocks of per-kv-head indexers",
              "dsa_compile/calibrate.py", "                    p.grad.mul_(mask)",
              "                    pass", ("tests/test_per_kv_head.py", "-k", "block_diagonal")),
+    Mutation("top-k ties left in torch's order", "kernels/topk.py",
+             "    redo = (ties | unordered) & ~kth.squeeze(-1).isnan()",
+             "    redo = unordered & ~kth.squeeze(-1).isnan()",
+             ("tests/test_onnx_export.py", "-k", "ties or function")),
+    Mutation("ONNX IndexerTopK: causal attribute read backwards", "plugins/onnx_ops.py",
+             "    seen = op.Or(seen, op.Equal(op.Constant(value_int=causal), zero))\n    visible",
+             "    seen = op.Or(seen, op.Equal(op.Constant(value_int=causal), one))\n    visible",
+             ("tests/test_onnx_export.py", "-k", "indexer_topk_function")),
+    Mutation("ONNX SparseAttention: repeated indices counted twice", "plugins/onnx_ops.py",
+             "    valid = op.And(op.GreaterOrEqual(ranked, zero_s), op.Not(op.Concat(first, repeat, "
+             "axis=2)))",
+             "    valid = op.GreaterOrEqual(ranked, zero_s)",
+             ("tests/test_onnx_export.py", "-k", "sparse_attention_function")),
+    Mutation("TensorRT plugin: LQ and LK swapped", "plugins/tensorrt.py",
+             "*sl[:3], lq, lk, topk, group,", "*sl[:3], lk, lq, topk, group,",
+             ("tests/test_tensorrt_plugin.py", "-k", "launch_equals")),
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
