@@ -1,7 +1,8 @@
-"""Top-k with a fixed tie rule: among equal scores the lower key index wins, and equal
-values are listed by ascending index (ONNX ``TopK``'s rule). ``torch.topk`` leaves ties in any
-order, and the indexer's ReLU scores tie often (every index head negative gives exactly 0), so
-without the rule an exported file and the torch ops could select different keys."""
+"""Top-k with a fixed tie rule: when equal scores straddle the k-th place, the lower key indices
+are selected (ONNX ``TopK``'s rule). ``torch.topk`` picks among them in any order, and the
+indexer's ReLU scores tie often (every index head negative gives exactly 0), so without the
+rule an exported file and the torch ops could select different keys. The order of equal
+values within the selection is left as ``torch.topk`` gives it (a selection is a set)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,23 @@ import torch
 
 def topk_lowest_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, indices)`` of the ``k`` best entries of each row of ``scores [..., n]``,
-    descending, ties broken toward lower indices. Costs one extra pass over the rows; rows with
-    a tie across the k-th place are redone (a sort of their k winners)."""
-    values, picked = scores.topk(k, dim=-1)
+    descending, ties across the k-th place broken toward lower indices. One ``torch.topk`` of
+    ``k + 1``; only rows with such a tie are redone (a sort of their k winners)."""
+    n = scores.shape[-1]
     if k == 0 or scores.numel() == 0:
-        return values, picked
+        return scores.topk(k, dim=-1)
+    # One more than asked: the (k+1)-th best equals the k-th exactly when an entry equal to the
+    # k-th was left out (no extra pass over the rows).
+    values, picked = scores.topk(min(k + 1, n), dim=-1)
+    if n > k:
+        ties = values[..., k] == values[..., k - 1]
+        values, picked = values[..., :k], picked[..., :k]
+    else:
+        ties = torch.zeros(values.shape[:-1], dtype=torch.bool, device=values.device)
     kth = values[..., -1:]
-    ties = (scores == kth).sum(-1) > (values == kth).sum(-1)  # an equal entry left out
-    # Within the winners, equal values must also be in ascending index order.
-    unordered = ((values[..., 1:] == values[..., :-1]) &
-                 (picked[..., 1:] < picked[..., :-1])).any(-1)
-    redo = (ties | unordered) & ~kth.squeeze(-1).isnan()  # a NaN k-th place: as torch ranks
+    # Ties at -inf (keys nobody sees) become -1 whichever are taken; a NaN k-th place is ranked
+    # as torch ranks it.
+    redo = ties & torch.isfinite(kth.squeeze(-1))
     if not bool(redo.any()):
         return values, picked
     rows = scores[redo]
