@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .attention import SiteCall, fold_kv_heads, indexer_inputs, mask_to_bias_and_visibility
 from .ops import indexer_topk
 from .reference import selection_mask
+from .topk import topk_lowest_ties
 
 _CHUNK_QUERIES = 256
 OBJECTIVES = ("recall", "output")
@@ -171,7 +172,7 @@ def site_loss(call: SiteCall, topk: int, query_block: int = 1,
         target = heads.mean(1)  # [B, tiles, Lk]
         scores = scores.view(batch, tiles, query_block, lk).amax(2)
         with torch.no_grad():
-            mine = scores.topk(topk, dim=-1).indices
+            mine = topk_lowest_ties(scores, topk)[1]  # as the runtime selects
             recall += float(target.gather(-1, mine).sum(-1).sum())
             best += float(target.topk(topk, dim=-1).values.sum(-1).sum())
         kept = soft_selection(scores, topk)

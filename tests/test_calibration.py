@@ -99,7 +99,9 @@ def test_calibration_raises_held_out_recall_on_minilm(capsys):
     before = measure_recall(model, [held_out])
     indexer = model.encoder.layer[2].attention.self.dsa_indexer
     initial = indexer.q_proj.clone()
-    result = calibrate(model, train, steps=30, lr=1e-3)
+    # 60 steps: ties now go to lower key indices (the [CLS] sink among them), which raised the
+    # training-free recall; 30 steps gained only 0.007 over it.
+    result = calibrate(model, train, steps=60, lr=1e-3)
     after = measure_recall(model, [held_out])
     mean = {name: sum(v[0] for v in r.values()) / len(r) for name, r in (("b", before),
                                                                         ("a", after))}
@@ -108,8 +110,8 @@ def test_calibration_raises_held_out_recall_on_minilm(capsys):
     assert mean["a"] <= best
     assert not torch.equal(indexer.q_proj, initial)
     assert not indexer.q_proj.requires_grad  # frozen again
-    assert "calibrated (recall): 30 steps" in indexer.info.init
-    assert len(result.steps) == 30 and result.steps[-1]["loss"] < 0
+    assert "calibrated (recall): 60 steps" in indexer.info.init
+    assert len(result.steps) == 60 and result.steps[-1]["loss"] < 0
     assert "calibrate [" in capsys.readouterr().err
 
 
