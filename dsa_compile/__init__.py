@@ -10,6 +10,8 @@ from .api import ExplainReport, compile, explain
 from .calibrate import CalibrationResult, calibrate, measure_recall
 from .config import DSAConfig, DSAConfigError
 from .export import export
+from .hf import configure
+from .hf import install as _install_hf
 from .kernels import DSAInputError, indexer_scores, indexer_topk, sparse_attention
 from .onnx_export import OnnxExport, export_onnx
 from .ownership import DSAAdapterError, attach, detach
@@ -26,6 +28,7 @@ __all__ = [
     "attach",
     "calibrate",
     "compile",
+    "configure",
     "detach",
     "explain",
     "export",
@@ -39,3 +42,5 @@ __all__ = [
     "indexer_topk",
     "sparse_attention",
 ]
+
+_install_hf()  # attn_implementation="dsa" in transformers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,10 +16,28 @@ from .passes.rewrite import RewriteResult
 
 def compile(model: torch.nn.Module, config: DSAConfig | None = None, **options: Any):
     """``torch.compile(model, backend="dsa", options=options)``, or with a whole
-    :class:`DSAConfig` (then the model's attached options are not consulted)."""
+    :class:`DSAConfig` (then the model's attached options are not consulted).
+
+    For a model with ``generate`` (transformers), the result's ``generate`` runs the model's
+    own ``generate`` with its forward compiled the same way (``torch.compile(model).generate``
+    would call the uncompiled forward, i.e. run dense); the model itself is not changed."""
     backend = make_backend(resolve_config(config, options) if config is not None else options,
                            attach=True, root=model)
-    return torch.compile(model, backend=backend)
+    compiled = torch.compile(model, backend=backend)
+    if callable(getattr(model, "generate", None)):
+        forward = torch.compile(model.forward, backend=backend)
+        # on the wrapper itself (its setattr would set the model's generate)
+        object.__setattr__(compiled, "generate", functools.partial(_generate_with, model, forward))
+    return compiled
+
+
+def _generate_with(model: torch.nn.Module, forward: Any, *args: Any, **kwargs: Any) -> Any:
+    """``model.generate`` with ``forward`` in place of the model's forward for the call."""
+    model.forward = forward  # an instance attribute shadows the class's method
+    try:
+        return model.generate(*args, **kwargs)
+    finally:
+        del model.forward
 
 
 @dataclass

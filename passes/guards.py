@@ -147,6 +147,11 @@ def same_size(a: Any, b: Any) -> bool:
     return statically_known_true(a == b)
 
 
+def known_different(a: Any, b: Any) -> bool:
+    """Sizes that differ for every shape the graph may see."""
+    return statically_known_true(a != b)
+
+
 def check_operands(site: AttentionSite) -> None:
     """q, k, v have one rank, one dtype, equal batch dims (no broadcasting of a latent q over
     the batch), GQA-compatible heads, and k/v lengths and q/k head dims that pair up."""
@@ -175,7 +180,10 @@ def check_operands(site: AttentionSite) -> None:
         if heads != kv_heads and not site.enable_gqa:
             raise KeepDense(f"q has {heads} heads and k {kv_heads} without enable_gqa "
                             "(broadcast over heads)")
-    if not same_size(k.shape[-2], v.shape[-2]) or not same_size(q.shape[-1], k.shape[-1]):
+    # Contraction sizes: the original raises unless they are equal (matmul and SDPA never
+    # broadcast them), and so do the dsa ops' input checks; sizes only unproven equal (a KV
+    # cache's keys and values as separate symbols under dynamic shapes) are rewritten.
+    if known_different(k.shape[-2], v.shape[-2]) or known_different(q.shape[-1], k.shape[-1]):
         raise KeepDense(f"q @ k^T and p @ v do not pair up: q {tuple(q.shape)}, k "
                         f"{tuple(k.shape)}, v {tuple(v.shape)}")
 

@@ -191,6 +191,15 @@ MUTATIONS: list[Mutation] = [
     Mutation("TensorRT plugin: LQ and LK swapped", "plugins/tensorrt.py",
              "*sl[:3], lq, lk, topk, group,", "*sl[:3], lk, lq, topk, group,",
              ("tests/test_tensorrt_plugin.py", "-k", "launch_equals")),
+    Mutation("attn_implementation='dsa': decode steps treated as causal prefill",
+             "dsa_compile/hf.py",
+             "    causal = bool(q_length > 1 and attention_mask is None and causal)",
+             "    causal = bool(attention_mask is None and causal)",
+             ("tests/test_hf_attention.py", "-k", "each_step")),
+    Mutation("k / v lengths must be provably equal again", "passes/guards.py",
+             "    if known_different(k.shape[-2], v.shape[-2]) or",
+             "    if not same_size(k.shape[-2], v.shape[-2]) or",
+             ("tests/test_hf_attention.py", "-k", "compiled_generate")),
 ]
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,0 +1,155 @@
+"""attn_implementation="dsa": HF models run the dsa ops through transformers' attention
+interface, with their own indexers, in prefill and in every decode step of generate()."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from models import OpCounter, tiny_model
+
+import dsa_compile
+from dsa_compile.hf import dsa_attention_forward
+from dsa_compile.ownership import indexers_of
+
+EXACT = dict(topk=8, query_block=1, key_block=0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch.compiler.reset()
+    yield
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_dsa_implementation_equals_the_compiled_rewrite(arch):
+    model = tiny_model(arch, "sdpa")
+    ids = _ids(2, 40)
+    with torch.no_grad():
+        dense = model(ids)[0]
+        reference = dsa_compile.compile(model, mode="eager", **EXACT)(ids)[0]
+    torch.compiler.reset()
+    fresh = tiny_model(arch, "dsa")  # the same weights (seeded), loaded as "dsa"
+    assert fresh.config._attn_implementation == "dsa"
+    with pytest.raises(dsa_compile.DSAConfigError, match="configure"):
+        fresh(ids)
+    config = dsa_compile.configure(fresh, ids, **EXACT)
+    assert config.topk == 8 and fresh.config._attn_implementation == "dsa"
+    assert len(indexers_of(fresh)) == 2
+    with torch.no_grad():
+        got = fresh(ids)[0]
+        short = fresh(ids[:, :8])[0]
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-6)
+    assert not torch.allclose(got, dense, atol=1e-3)
+    with torch.no_grad():
+        torch.testing.assert_close(short, model(ids[:, :8])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_decodes_sparse_and_each_step_equals_the_full_forward():
+    """Exact per-query selection: a decode step selects for its query what a full forward
+    selects for that position, so its logits match the full forward's there."""
+    model = tiny_model("llama", "dsa")
+    dsa_compile.configure(model, **EXACT)
+    prompt = _ids(1, 20, 3)
+    with torch.no_grad(), OpCounter() as counter:
+        out = model.generate(prompt, max_new_tokens=10, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    assert counter.counts["dsa.indexer_topk"] == 10 * 2  # prefill + 9 steps, 2 layers
+    with torch.no_grad():
+        full = model(out.sequences).logits[0, 19:-1]
+    torch.testing.assert_close(torch.stack(out.logits, 1)[0], full, rtol=0, atol=1e-5)
+    with torch.no_grad():  # at most topk keys: every step is dense SDPA, tokens as dense
+        model.set_attn_implementation("sdpa")
+        dense = model.generate(prompt[:, :4], max_new_tokens=4, do_sample=False)
+        model.set_attn_implementation("dsa")
+        sparse = model.generate(prompt[:, :4], max_new_tokens=4, do_sample=False)
+    assert torch.equal(dense, sparse)
+
+
+def test_configure_again_changes_the_options_in_place():
+    model = tiny_model("qwen2", "dsa")
+    ids = _ids(1, 40, 4)
+    dsa_compile.configure(model, **EXACT)
+    indexers = dict(indexers_of(model))
+    with torch.no_grad():
+        eight = model(ids).logits
+        dsa_compile.configure(model, topk=4)
+        four = model(ids).logits
+    assert model.dsa_config.topk == 4 and indexers_of(model) == indexers  # same indexers
+    assert not torch.allclose(eight, four, atol=1e-4)
+
+
+def test_adapter_loaded_into_a_dsa_model(tmp_path):
+    source = tiny_model("llama", "sdpa")
+    ids = _ids(1, 40, 5)
+    dsa_compile.attach(source, ids, **EXACT)
+    with torch.no_grad():
+        source.model.layers[0].self_attn.dsa_indexer.q_proj.mul_(-2.0)
+        expected = dsa_compile.compile(source, mode="eager", **EXACT)(ids).logits
+    dsa_compile.save_adapter(source, tmp_path)
+    target = tiny_model("llama", "dsa")
+    dsa_compile.load_adapter(target, tmp_path)
+    dsa_compile.configure(target, **EXACT)  # keeps the loaded indexers
+    with torch.no_grad():
+        torch.testing.assert_close(target(ids).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_compiled_generate_runs_the_dsa_ops_and_leaves_the_model_alone():
+    model = tiny_model("llama", "sdpa")
+    prompt = _ids(1, 20, 6)
+    compiled = dsa_compile.compile(model, mode="eager", **EXACT)
+    with torch.no_grad(), OpCounter() as counter:
+        compiled.generate(prompt, max_new_tokens=4, do_sample=False)
+    assert counter.counts["dsa.sparse_attention"] == 4 * 2  # decode steps too (dynamic shapes)
+    assert "forward" not in vars(model) and "generate" not in vars(model)
+
+
+def test_features_the_ops_lack_run_dense_and_say_why(caplog):
+    model = tiny_model("llama", "dsa")
+    dsa_compile.configure(model, **EXACT)
+    attention = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 12, 16)
+    k, v = torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
+    bias = torch.randn(1, 4, 12, 12)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    with caplog.at_level(logging.WARNING, logger="dsa_compile"):
+        got, _ = dsa_attention_forward(attention, q, k, v, None, scaling=0.25, position_bias=bias)
+    expected, _ = sdpa_attention_forward(attention, q, k, v, None, scaling=0.25,
+                                         position_bias=bias)
+    torch.testing.assert_close(got, expected)
+    assert "runs dense: a position bias" in caplog.text
+
+
+@pytest.mark.parametrize("order", ["dsa_compile first", "transformers first"])
+def test_import_registers_the_implementation(order):
+    imports = ["import dsa_compile", "import transformers"]
+    if order == "transformers first":
+        imports.reverse()
+    code = "; ".join([*imports, "from transformers import AttentionInterface",
+                      "from transformers.masking_utils import AttentionMaskInterface",
+                      "assert 'dsa' in AttentionInterface._global_mapping",
+                      "assert 'dsa' in AttentionMaskInterface._global_mapping"])
+    env = {k: v for k, v in os.environ.items()}
+    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_transformers_is_not_imported_by_dsa_compile():
+    code = "import sys, dsa_compile; assert 'transformers' not in sys.modules"
+    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+assert transformers  # imported here so the models above resolve "dsa" in this process too
