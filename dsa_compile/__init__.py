@@ -13,6 +13,7 @@ from .export import export
 from .hf import configure
 from .hf import install as _install_hf
 from .kernels import DSAInputError, indexer_scores, indexer_topk, sparse_attention
+from .key_cache import index_cache
 from .onnx_export import OnnxExport, export_onnx
 from .ownership import DSAAdapterError, attach, detach
 from .passes.indexers import DSAIndexer
@@ -29,6 +30,7 @@ __all__ = [
     "calibrate",
     "compile",
     "configure",
+    "index_cache",
     "detach",
     "explain",
     "export",

@@ -54,18 +54,23 @@ def dsa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
             f"{type(module).__name__} runs attn_implementation='dsa' but has no indexer: call "
             "dsa_compile.configure(model) (training-free indexers) or "
             "dsa_compile.load_adapter(model, DIR) first")
+    # Handed over by an indexer key cache's update for this very call (see key_cache.py);
+    # taken now, so it can never serve a later call.
+    pending, indexer.pending_keys = getattr(indexer, "pending_keys", None), None
+    cached = pending[1] if pending is not None and pending[0] is key else None
     config = _RUN_CONFIG.get(indexer) or DSAConfig()
     q_length, kv_length = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(q_length > 1 and attention_mask is None and causal)
     if causal and kv_length > q_length:  # keys past the queries (a static cache's empty slots)
         key, value = key[:, :, :q_length], value[:, :, :q_length]
+        cached = None if cached is None else cached[:, :q_length]
     out = dsa_attention(query, key, value, attention_mask, *indexer.tensors(), is_causal=causal,
                         scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
                         topk=config.topk, dense_up_to=config.dense_up_to,
                         query_block=config.query_block, key_block=config.key_block,
                         candidate_blocks=config.candidate_blocks,
-                        per_kv_head=indexer.info.per_kv_head)
+                        per_kv_head=indexer.info.per_kv_head, cached_keys=cached)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -100,8 +100,16 @@ def sdpa_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tenso
     return attn_mask.float()
 
 
+def index_keys(k: torch.Tensor, k_proj: torch.Tensor) -> torch.Tensor:
+    """A site's keys ``k [B, Hkv, Lk, D]`` through its indexer's key projection: ``[B, Lk,
+    groups * DI]`` (what an indexer key cache holds per token)."""
+    batch, kv_heads, lk, dim = k.shape
+    return k.transpose(1, 2).reshape(batch, lk, kv_heads * dim).to(k_proj.dtype) @ k_proj
+
+
 def indexer_inputs(q: torch.Tensor, k: torch.Tensor, q_proj: torch.Tensor, k_proj: torch.Tensor,
-                   head_weights: torch.Tensor, per_kv_head: bool = False
+                   head_weights: torch.Tensor, per_kv_head: bool = False,
+                   cached_keys: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A site's ``q [B, H, Lq, D]``, ``k [B, Hkv, Lk, D]`` through its indexer:
     ``q_idx [B', Lq, HI, DI]``, ``k_idx [B', Lk, DI]``, ``weights [B', Lq, HI]`` (the indexer's
@@ -110,15 +118,16 @@ def indexer_inputs(q: torch.Tensor, k: torch.Tensor, q_proj: torch.Tensor, k_pro
     ``per_kv_head``: the indexer holds one index head group per kv head (``q_proj [H * D,
     Hkv * HI * DI]``, ``k_proj [Hkv * D, Hkv * DI]``, ``head_weights [Hkv * HI]``, group g
     reading kv head g's keys); the result is folded to ``B' = B * Hkv`` (batch-major), one
-    selection per (batch, kv head), as :func:`fold_kv_heads` folds the attention."""
+    selection per (batch, kv head), as :func:`fold_kv_heads` folds the attention.
+    ``cached_keys``: :func:`index_keys` of ``k``, kept from earlier steps (then ``k`` is not
+    read)."""
     batch, heads, lq, dim = q.shape
     kv_heads, lk = k.shape[1], k.shape[2]
     groups = kv_heads if per_kv_head else 1
     index_heads, index_dim = head_weights.shape[0], k_proj.shape[1] // groups
     q_flat = q.transpose(1, 2).reshape(batch, lq, heads * dim).to(q_proj.dtype)
-    k_flat = k.transpose(1, 2).reshape(batch, lk, kv_heads * dim).to(q_proj.dtype)
     q_idx = (q_flat @ q_proj).view(batch, lq, index_heads, index_dim)
-    k_idx = k_flat @ k_proj
+    k_idx = index_keys(k, k_proj) if cached_keys is None else cached_keys.to(k_proj.dtype)
     weights = head_weights.expand(batch, lq, index_heads)
     if groups == 1:
         return q_idx, k_idx, weights
@@ -206,6 +215,7 @@ def dsa_attention(
     key_block: int | None,
     candidate_blocks: int,
     per_kv_head: bool = False,
+    cached_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Drop-in for ``F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale,
     enable_gqa=enable_gqa)`` over ``q [B, H, Lq, D]``, ``k [B, Hkv, Lk, D]``, ``v [B, Hkv, Lk, Dv]``.
@@ -213,7 +223,8 @@ def dsa_attention(
     Indexer parameters: ``q_proj [H * D, HI * DI]``, ``k_proj [Hkv * D, DI]``,
     ``head_weights [HI]`` (one selection shared by all heads), or with ``per_kv_head`` one
     selection per kv head (shapes in :func:`indexer_inputs`). SDPA's ``is_causal`` is top-left
-    aligned: query t sees keys s <= t.
+    aligned: query t sees keys s <= t. ``cached_keys``: :func:`index_keys` of ``k`` kept by an
+    indexer key cache (generation), so only new tokens were projected.
     """
     lk = k.shape[2]
     if torch.compiler.is_exporting():
@@ -234,7 +245,7 @@ def dsa_attention(
     # more slots than keys would only hold -1
     return _sparse(q, k, v, attn_mask, (q_proj, k_proj, head_weights), is_causal, scale,
                    max(1, min(topk, lk)), select_all, (query_block, key_block, candidate_blocks),
-                   per_kv_head, sdpa if dense else None)
+                   per_kv_head, sdpa if dense else None, cached_keys=cached_keys)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -248,7 +259,8 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
             scale: float | None, topk: int, select_all: bool,
             blocks: tuple[int | None, int | None, int], per_kv_head: bool,
             dense: Callable[[], torch.Tensor] | None = None,
-            indexer_q: torch.Tensor | None = None) -> torch.Tensor:
+            indexer_q: torch.Tensor | None = None,
+            cached_keys: torch.Tensor | None = None) -> torch.Tensor:
     """The sparse path of :func:`dsa_attention` (``dense``: what to return after a capture
     probe recorded the selection of a site that runs dense; ``indexer_q``: the queries the
     indexer reads when they differ from those attention reads)."""
@@ -256,7 +268,7 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
     lk = k.shape[2]
     query_block, key_block = granularity(q.device, blocks[0], blocks[1])
     q_idx, k_idx, weights = indexer_inputs(q if indexer_q is None else indexer_q, k, *indexer,
-                                           per_kv_head)
+                                           per_kv_head, cached_keys)
     bias, visible = mask_to_bias_and_visibility(attn_mask, batch, lq, lk, select_all)
     if bias is not None and not select_all and query_block > 1 and visible.dim() == 3:
         # A tile shares one selection: a key masked out for one query may be chosen for another

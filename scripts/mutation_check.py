@@ -200,6 +200,13 @@ MUTATIONS: list[Mutation] = [
              "    if known_different(k.shape[-2], v.shape[-2]) or",
              "    if not same_size(k.shape[-2], v.shape[-2]) or",
              ("tests/test_hf_attention.py", "-k", "compiled_generate")),
+    Mutation("index cache: new keys prepended", "dsa_compile/key_cache.py",
+             "            held = torch.cat([held, index_keys(new_keys, k_proj)], dim=1)",
+             "            held = torch.cat([index_keys(new_keys, k_proj), held], dim=1)",
+             ("tests/test_hf_attention.py", "-k", "index_cache")),
+    Mutation("index cache: kept across a beam reorder", "dsa_compile/key_cache.py",
+             "        store.clear()\n        return method", "        return method",
+             ("tests/test_hf_attention.py", "-k", "index_cache")),
 ]
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -153,3 +153,62 @@ def test_transformers_is_not_imported_by_dsa_compile():
 
 
 assert transformers  # imported here so the models above resolve "dsa" in this process too
+
+
+def _projections(monkeypatch) -> list[int]:
+    """Token counts of every indexer-key projection (the attention's and the cache's)."""
+    import dsa_compile.kernels.attention as attention
+
+    key_cache = sys.modules["dsa_compile.key_cache"]
+    seen: list[int] = []
+    original = attention.index_keys
+
+    def spy(k, k_proj):
+        seen.append(k.shape[2])
+        return original(k, k_proj)
+
+    monkeypatch.setattr(attention, "index_keys", spy)
+    monkeypatch.setattr(key_cache, "index_keys", spy)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_index_cache_projects_only_new_tokens(kind, monkeypatch):
+    model = tiny_model("llama", "dsa")
+    dsa_compile.configure(model, **EXACT)
+    prompt = _ids(2, 20, 7)
+    mask = torch.ones_like(prompt)
+    settings = dict(max_new_tokens=6, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True, attention_mask=mask)
+    with torch.no_grad():
+        plain = model.generate(prompt, **settings)
+        seen = _projections(monkeypatch)
+        cache = None if kind == "dynamic" else transformers.StaticCache(config=model.config,
+                                                                          max_cache_len=64)
+        cache = dsa_compile.index_cache(model, cache)
+        cached = model.generate(prompt, past_key_values=cache, **settings)
+    assert torch.equal(plain.sequences, cached.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(plain.logits), rtol=0,
+                               atol=1e-5)
+    first = 20 if kind == "dynamic" else 64  # a static cache's buffer is projected once
+    assert seen == [first, first] + [1] * (2 * 5)  # 2 layers; then one token per step
+    store = cache.dsa_index_keys
+    length = 25 if kind == "dynamic" else 64
+    assert {tuple(t.shape) for t in store.keys.values()} == {(2, length, 32)}
+    assert store.memory_bytes() == 2 * 2 * length * 32 * 4  # layers x B x tokens x DI x fp32
+
+
+def test_index_cache_after_a_beam_reorder_recomputes_instead_of_going_stale():
+    model = tiny_model("llama", "dsa")
+    dsa_compile.configure(model, **EXACT)
+    prompt = _ids(1, 20, 8)
+    settings = dict(max_new_tokens=5, do_sample=False, num_beams=3, num_return_sequences=3)
+    with torch.no_grad():
+        plain = model.generate(prompt, **settings)
+        cached = model.generate(prompt, past_key_values=dsa_compile.index_cache(model), **settings)
+    assert torch.equal(plain, cached)
+
+
+def test_index_cache_needs_indexers():
+    with pytest.raises(ValueError, match="configure"):
+        dsa_compile.index_cache(tiny_model("llama", "sdpa"))
