@@ -85,11 +85,11 @@ def mask_to_bias_and_visibility(
     return bias, visible.expand(batch, lq, lk)
 
 
-def granularity(device: torch.device, query_block: int | None, key_block: int | None
-                ) -> tuple[int, int]:
+def granularity(device: torch.device, query_block: int | None, key_block: int | None,
+                queries: int | None = None) -> tuple[int, int]:
     """``(query_block, key_block)`` with ``None`` replaced by the device's default
     (:data:`dsa_compile.config.DEVICE_GRANULARITY`)."""
-    return device_granularity(device.type, query_block, key_block)
+    return device_granularity(device.type, query_block, key_block, queries)
 
 
 def sdpa_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -266,7 +266,7 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
     indexer reads when they differ from those attention reads)."""
     batch, heads, lq = q.shape[:3]
     lk = k.shape[2]
-    query_block, key_block = granularity(q.device, blocks[0], blocks[1])
+    query_block, key_block = granularity(q.device, blocks[0], blocks[1], lq)
     q_idx, k_idx, weights = indexer_inputs(q if indexer_q is None else indexer_q, k, *indexer,
                                            per_kv_head, cached_keys)
     bias, visible = mask_to_bias_and_visibility(attn_mask, batch, lq, lk, select_all)

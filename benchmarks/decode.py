@@ -1,0 +1,123 @@
+"""Decode speed: per-token latency of the Llama-shaped model of ``dsa bench`` (8 layers, hidden
+1024, 16 / 4 heads of 64) at long context, batch 1, fp32 on the CPU: dense SDPA against
+``attn_implementation="dsa"`` with the indexer key cache, in the same run. The KV cache is
+filled with random keys and values (speed does not depend on what they hold); the dsa cache's
+indexer keys are projected once when it is filled, as a prefill would. Also one layer's
+attention alone (SDPA vs ``dsa_attention`` with cached indexer keys).
+
+    python benchmarks/decode.py [--contexts 32768 65536] [--topk 2048] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import dsa_compile
+from dsa_compile.bench import MODEL_SHAPE, best_time, llama_model
+from dsa_compile.kernels.attention import dsa_attention, index_keys
+
+
+def filled_cache(model, context: int, dsa: bool, seed: int = 0):
+    from transformers import DynamicCache
+
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    dim = config.hidden_size // heads
+    cache = DynamicCache(config=config)
+    if dsa:
+        cache = dsa_compile.index_cache(model, cache)
+    gen = torch.Generator().manual_seed(seed)
+    for layer in range(config.num_hidden_layers):
+        k = torch.randn(1, kv_heads, context, dim, generator=gen)
+        v = torch.randn(1, kv_heads, context, dim, generator=gen)
+        cache.update(k, v, layer)
+    for module in model.modules():  # filling is not an attention call: nothing to hand over
+        if hasattr(module, "pending_keys"):
+            module.pending_keys = None
+    return cache
+
+
+def step_time(model, cache, context: int, steps: int) -> float:
+    """Seconds per decode step (the fastest of ``steps``; the context grows by one each)."""
+    times = []
+    for i in range(steps):
+        ids, position = torch.tensor([[7 + i]]), torch.tensor([[context + i]])
+        start = time.perf_counter()
+        model(input_ids=ids, past_key_values=cache, position_ids=position, use_cache=True)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def attention_times(context: int, topk: int, repeats: int) -> tuple[float, float]:
+    heads, kv_heads = MODEL_SHAPE["num_attention_heads"], MODEL_SHAPE["num_key_value_heads"]
+    dim = MODEL_SHAPE["hidden_size"] // heads
+    q = torch.randn(1, heads, 1, dim)
+    k, v = torch.randn(1, kv_heads, context, dim), torch.randn(1, kv_heads, context, dim)
+    q_proj = torch.randn(heads * dim, 4 * 32) / dim
+    k_proj = torch.randn(kv_heads * dim, 32) / dim
+    weights = torch.ones(4)
+    cached = index_keys(k, k_proj)
+    sdpa = best_time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), repeats)
+    sparse = best_time(lambda: dsa_attention(
+        q, k, v, None, q_proj, k_proj, weights, is_causal=False, scale=None, enable_gqa=True,
+        topk=topk, dense_up_to=topk, query_block=None, key_block=None, candidate_blocks=0,
+        cached_keys=cached), repeats)
+    return sdpa, sparse
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536])
+    parser.add_argument("--topk", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    dense = llama_model(MODEL_SHAPE["num_hidden_layers"])
+    sparse = llama_model(MODEL_SHAPE["num_hidden_layers"])  # same seed: same weights
+    sparse.set_attn_implementation("dsa")
+    dsa_compile.configure(sparse, torch.randint(0, 1000, (1, 64)), topk=args.topk)
+    rows = []
+    with torch.no_grad():
+        for context in args.contexts:
+            sdpa_step = step_time(dense, filled_cache(dense, context, False), context,
+                                  args.steps)
+            dsa_cache = filled_cache(sparse, context, True)
+            dsa_step = step_time(sparse, dsa_cache, context, args.steps)
+            memory = dsa_cache.dsa_index_keys.memory_bytes()
+            del dsa_cache
+            attn_sdpa, attn_dsa = attention_times(context, args.topk, args.steps)
+            rows.append(dict(context=context, sdpa_step_ms=1e3 * sdpa_step,
+                             dsa_step_ms=1e3 * dsa_step, step_speedup=sdpa_step / dsa_step,
+                             attention_sdpa_ms=1e3 * attn_sdpa, attention_dsa_ms=1e3 * attn_dsa,
+                             attention_speedup=attn_sdpa / attn_dsa,
+                             index_cache_mib=memory / 2**20))
+            print(rows[-1], flush=True)
+    lines = ["# Decode: per-token latency, dsa (indexer key cache) vs SDPA", "",
+             f"{datetime.date.today()}, {platform.machine()}, {torch.get_num_threads()} "
+             f"threads, torch {torch.__version__}, dsa-compile {dsa_compile.__version__}; "
+             f"Llama-shaped ({MODEL_SHAPE}), batch 1, fp32, topk {args.topk}, CPU default "
+             "granularity. Command: `python benchmarks/decode.py`", "",
+             "| context | SDPA step (ms) | dsa step (ms) | step speed-up | attention SDPA (ms) "
+             "| attention dsa (ms) | attention speed-up | indexer key cache (MiB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['context']} | {r['sdpa_step_ms']:.1f} | {r['dsa_step_ms']:.1f} | "
+              f"{r['step_speedup']:.2f}x | {r['attention_sdpa_ms']:.2f} | "
+              f"{r['attention_dsa_ms']:.2f} | {r['attention_speedup']:.2f}x | "
+              f"{r['index_cache_mib']:.1f} |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decode.md").write_text(text)
+    (args.out / "decode.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
