@@ -147,20 +147,20 @@ class DSAConfig:
 DEVICE_GRANULARITY = {"cpu": (128, 64), "cuda": (64, 0)}
 
 
-# At most this many queries (decode steps): the default scores every key. Two-stage selection
-# pays off by sharing block bounds over many queries; for a decode step, scoring all cached
-# indexer keys is one small GEMV, cheaper than recomputing the bounds (CPU, 4K context:
-# 7.9 ms -> see benchmarks/results/decode.md).
+# At most this many queries (decode steps): the default selects per query and scores every key.
+# Tiles and two-stage selection pay off by sharing work over many queries; for a decode step,
+# scoring all cached indexer keys is one small GEMV, cheaper than recomputing block bounds and
+# padding the score rows to a tile (benchmarks/results/decode.md).
 DECODE_QUERIES = 8
 
 
 def device_granularity(device_type: str, query_block: int | None, key_block: int | None,
                        queries: int | None = None) -> tuple[int, int]:
     """``(query_block, key_block)`` with ``None`` replaced by ``device_type``'s default (for a
-    call with at most :data:`DECODE_QUERIES` ``queries``, ``key_block`` defaults to 0)."""
+    call with at most :data:`DECODE_QUERIES` ``queries``: 1 and 0)."""
     qb, kb = DEVICE_GRANULARITY.get(device_type, DEVICE_GRANULARITY["cpu"])
     if isinstance(queries, int) and queries <= DECODE_QUERIES:
-        kb = 0
+        qb, kb = 1, 0  # a tile of so few queries only pads their score rows to its size
     return (qb if query_block is None else query_block, kb if key_block is None else key_block)
 
 

@@ -123,9 +123,9 @@ def test_selection_granularity_defaults_per_device():
     assert granularity(torch.device("cuda"), None, None) == (64, 0)  # Triton scores every key
     assert granularity(torch.device("cuda"), 1, 16) == (1, 16)  # explicit options win
     # decode steps (few queries) score every cached indexer key unless told otherwise
-    assert granularity(torch.device("cpu"), None, None, queries=1) == (128, 0)
+    assert granularity(torch.device("cpu"), None, None, queries=1) == (1, 0)
     assert granularity(torch.device("cpu"), None, None, queries=9) == (128, 64)
-    assert granularity(torch.device("cpu"), None, 32, queries=1) == (128, 32)
+    assert granularity(torch.device("cpu"), 16, 32, queries=1) == (16, 32)
     assert DSAConfig().query_block is None and DSAConfig().key_block is None
     with pytest.raises(DSAConfigError, match="query_block"):
         DSAConfig(query_block=0)
