@@ -25,13 +25,18 @@ from dsa_compile.bench import MODEL_SHAPE, best_time, llama_model
 from dsa_compile.kernels.attention import dsa_attention, index_keys
 
 
-def filled_cache(model, context: int, dsa: bool, seed: int = 0):
-    from transformers import DynamicCache
+def filled_cache(model, context: int, dsa: bool, kind: str = "static", room: int = 8,
+                 seed: int = 0):
+    """A KV cache holding ``context`` random tokens per layer: ``static`` (written in place,
+    ``room`` free slots) or ``dynamic`` (transformers' DynamicCache concatenates, i.e. copies
+    the whole cache, at every step: that copy then dominates both paths)."""
+    from transformers import DynamicCache, StaticCache
 
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     dim = config.hidden_size // heads
-    cache = DynamicCache(config=config)
+    cache = StaticCache(config=config, max_cache_len=context + room) if kind == "static" else \
+        DynamicCache(config=config)
     if dsa:
         cache = dsa_compile.index_cache(model, cache)
     gen = torch.Generator().manual_seed(seed)
@@ -78,6 +83,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536])
     parser.add_argument("--topk", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--cache", choices=["static", "dynamic"], default="static")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     dense = llama_model(MODEL_SHAPE["num_hidden_layers"])
@@ -87,9 +93,9 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         for context in args.contexts:
-            sdpa_step = step_time(dense, filled_cache(dense, context, False), context,
-                                  args.steps)
-            dsa_cache = filled_cache(sparse, context, True)
+            sdpa_step = step_time(dense, filled_cache(dense, context, False, args.cache),
+                                  context, args.steps)
+            dsa_cache = filled_cache(sparse, context, True, args.cache)
             dsa_step = step_time(sparse, dsa_cache, context, args.steps)
             memory = dsa_cache.dsa_index_keys.memory_bytes()
             del dsa_cache
@@ -104,7 +110,8 @@ def main() -> None:
              f"{datetime.date.today()}, {platform.machine()}, {torch.get_num_threads()} "
              f"threads, torch {torch.__version__}, dsa-compile {dsa_compile.__version__}; "
              f"Llama-shaped ({MODEL_SHAPE}), batch 1, fp32, topk {args.topk}, CPU default "
-             "granularity. Command: `python benchmarks/decode.py`", "",
+             f"granularity, {args.cache} KV cache. Command: `python benchmarks/decode.py "
+             f"--cache {args.cache}`", "",
              "| context | SDPA step (ms) | dsa step (ms) | step speed-up | attention SDPA (ms) "
              "| attention dsa (ms) | attention speed-up | indexer key cache (MiB) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -115,8 +122,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode.md").write_text(text)
-    (args.out / "decode.json").write_text(json.dumps(rows, indent=1))
+    (args.out / f"decode_{args.cache}.md").write_text(text)
+    (args.out / f"decode_{args.cache}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

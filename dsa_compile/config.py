@@ -150,7 +150,7 @@ DEVICE_GRANULARITY = {"cpu": (128, 64), "cuda": (64, 0)}
 # At most this many queries (decode steps): the default selects per query and scores every key.
 # Tiles and two-stage selection pay off by sharing work over many queries; for a decode step,
 # scoring all cached indexer keys is one small GEMV, cheaper than recomputing block bounds and
-# padding the score rows to a tile (benchmarks/results/decode.md).
+# padding the score rows to a tile (benchmarks/results/decode_*.md).
 DECODE_QUERIES = 8
 
 
