@@ -58,7 +58,7 @@ class IndexKeys:
         elif (held is not None and held.shape[1] == total and start is not None
               and start + new <= total):  # static: write where the cache wrote
             positions = torch.arange(start, start + new, device=held.device)
-            held = held.index_copy(1, positions, index_keys(new_keys, k_proj).to(held.dtype))
+            held.index_copy_(1, positions, index_keys(new_keys, k_proj).to(held.dtype))
         elif new == total:
             held = index_keys(new_keys, k_proj)
         else:  # nothing to vouch for (a first static step, a cache filled elsewhere)

@@ -270,6 +270,10 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
     q_idx, k_idx, weights = indexer_inputs(q if indexer_q is None else indexer_q, k, *indexer,
                                            per_kv_head, cached_keys)
     bias, visible = mask_to_bias_and_visibility(attn_mask, batch, lq, lk, select_all)
+    if _keys_only_mask(attn_mask):
+        # True = attend, the same for every head and query: the selection never picks a key it
+        # hides, so over the selected keys the bias is all zeros.
+        bias = None
     if bias is not None and not select_all and query_block > 1 and visible.dim() == 3:
         # A tile shares one selection: a key masked out for one query may be chosen for another
         # of its tile; it must not carry that query's (finite, tiny) weight.
@@ -284,6 +288,14 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
             return dense()
     out, _ = sparse_attention(q, k, v, indices, scale, bias, is_causal, 0, query_block)
     return out.reshape(batch, heads, lq, out.shape[-1]) if per_kv_head else out
+
+
+def _keys_only_mask(attn_mask: torch.Tensor | None) -> bool:
+    """A boolean mask that varies only over keys (and batch): ``[B|1, 1, 1, Lk]`` or fewer
+    dims."""
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return False
+    return all(n == 1 for n in attn_mask.shape[-3:-1]) and attn_mask.dim() >= 2
 
 
 def _exported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

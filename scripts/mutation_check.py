@@ -207,6 +207,10 @@ MUTATIONS: list[Mutation] = [
     Mutation("index cache: kept across a beam reorder", "dsa_compile/key_cache.py",
              "        store.clear()\n        return method", "        return method",
              ("tests/test_hf_attention.py", "-k", "index_cache")),
+    Mutation("bias dropped for per-query boolean masks too", "kernels/attention.py",
+             "    return all(n == 1 for n in attn_mask.shape[-3:-1]) and attn_mask.dim() >= 2",
+             "    return attn_mask.dim() >= 2",
+             ("tests/test_guards.py", "-k", "drop_the_bias")),
 ]
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -563,3 +563,25 @@ def test_key_and_value_lengths_unproven_equal_are_rewritten_and_checked_at_run_t
     assert counter.counts["dsa.sparse_attention"] == 2
     with pytest.raises(dsa_compile.DSAInputError, match="v"):
         compiled(q, torch.randn(B, H, 30, D), torch.randn(B, H, 31, D))
+
+
+@pytest.mark.parametrize("per_query", [False, True])
+def test_boolean_masks_without_a_query_dim_drop_the_bias_exactly(per_query):
+    """A boolean mask that only hides keys adds nothing over the selected keys (the selection
+    never picks a hidden key): the ops run without the bias. One that varies per query keeps
+    it. Both equal the same mask given as a float bias."""
+    from dsa_compile.kernels.attention import dsa_attention
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 24, 8, generator=gen) for _ in range(3))
+    shape = (2, 1, 24, 24) if per_query else (2, 1, 1, 24)
+    keep = torch.rand(shape, generator=gen) > 0.3
+    keep[..., 0] = True
+    q_proj, k_proj = torch.randn(32, 16, generator=gen), torch.randn(32, 8, generator=gen)
+    weights = torch.rand(2, generator=gen)
+    options = dict(is_causal=False, scale=None, enable_gqa=False, topk=6, dense_up_to=0,
+                   query_block=4, key_block=0, candidate_blocks=0)
+    as_bool = dsa_attention(q, k, v, keep, q_proj, k_proj, weights, **options)
+    as_float = dsa_attention(q, k, v, torch.zeros(shape).masked_fill(~keep, float("-inf")),
+                             q_proj, k_proj, weights, **options)
+    torch.testing.assert_close(as_bool, as_float, rtol=0, atol=1e-6)
