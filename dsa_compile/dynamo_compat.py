@@ -86,3 +86,9 @@ def specialized_floats() -> contextlib.AbstractContextManager:
     ``torch.export`` keeps as data-dependent values and the ONNX exporter cannot carry into a
     ``torch.cond`` branch). Dynamo's config is private: this is the one place that sets it."""
     return torch._dynamo.config.patch(specialize_float=True)
+
+
+def size_symbol(size: torch.SymInt) -> Any:
+    """The sympy expression behind a symbolic size (``s0``; two sizes with one expression are
+    the same size). SymInt's node is not public API: this is the one place that reads it."""
+    return size.node.expr

@@ -16,7 +16,7 @@ from torch import fx
 
 from .backend import SiteLogger, bind_indexers
 from .config import DSAConfig, resolve_config
-from .dynamo_compat import compile_isolated, specialized_floats
+from .dynamo_compat import compile_isolated, size_symbol, specialized_floats
 from .ownership import ModelIndexers
 from .passes.indexers import PARAMETERS
 from .passes.rewrite import RewriteResult, rewrite_sites
@@ -71,12 +71,12 @@ def _size_source(size: torch.SymInt, position: int, example_inputs: Sequence[Any
                  traced: Sequence[Any], users: dict[int, int]) -> tuple[int, int]:
     """``(user argument, dim)`` whose size a dynamic-shape graph takes as input ``position``:
     the user tensor whose traced (fake) shape holds the same symbol."""
-    symbol = size.node.expr
+    symbol = size_symbol(size)
     for value, fake in zip(example_inputs, traced, strict=False):
         if id(value) not in users or not isinstance(fake, torch.Tensor):
             continue
         for dim, extent in enumerate(fake.shape):
-            if isinstance(extent, torch.SymInt) and extent.node.expr == symbol:
+            if isinstance(extent, torch.SymInt) and size_symbol(extent) == symbol:
                 return users[id(value)], dim
     raise ValueError(f"graph input {position} is the size {symbol}, which is no dim of a "
                      "tensor argument; export with static shapes")

@@ -21,7 +21,7 @@ import torch
 from .config import DEVICE_GRANULARITY, DSAConfig, DSAConfigError, resolve_config
 from .export import export
 
-# Sequence positions Dynamo needs to see as more than 1 to keep a dim dynamic.
+# The dims of each tensor input kept dynamic: batch and sequence.
 _DYNAMIC_DIMS = (0, 1)
 
 

@@ -120,3 +120,39 @@ def test_explain_a_model_from_a_module_not_in_sys_modules(tmp_path):
     assert "unlisted_model" not in sys.modules
     report = dsa_compile.explain(module.Attention(), torch.randn(1, 2, 16, 8), topk=4)
     assert len(report.rewritten) == 1
+
+
+def test_dynamo_compat_wrappers_for_dynamic_capture():
+    """specialized_floats keeps a model's float attribute a constant of a dynamic-shape graph
+    (torch's default lifts it to an input); size_symbol names a size's symbol."""
+    from dsa_compile.dynamo_compat import size_symbol, specialized_floats
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = 0.5
+
+        def forward(self, x):
+            return x * self.scale
+
+    def inputs_of(specialize: bool) -> list:
+        seen: list = []
+
+        def backend(gm, example_inputs):
+            seen.extend(n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder"))
+            return gm.forward
+
+        compiled = compile_isolated(Scaled(), backend=backend, dynamic=True)
+        if specialize:
+            with specialized_floats():
+                compiled(torch.randn(3, 5))
+        else:
+            compiled(torch.randn(3, 5))
+        return seen
+
+    lifted = inputs_of(False)
+    kept = inputs_of(True)
+    assert len(lifted) > len(kept)
+    tensor = next(v for v in kept if isinstance(v, torch.Tensor))
+    rows, cols = tensor.shape
+    assert size_symbol(rows) == size_symbol(tensor.shape[0]) != size_symbol(cols)
