@@ -30,6 +30,7 @@ NAME = "dsa"
 # The options each indexer runs with (set by configure; an indexer without an entry runs the
 # DSAConfig defaults).
 _RUN_CONFIG: weakref.WeakKeyDictionary[DSAIndexer, DSAConfig] = weakref.WeakKeyDictionary()
+_SAID: set[tuple[type, str]] = set()  # (module class, reason) warned about
 
 
 def dsa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -45,7 +46,9 @@ def dsa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
 
     reason = _dense_reason(module, dropout, kwargs)
     if reason is not None:
-        logger.warning("dsa: %s runs dense: %s", type(module).__name__, reason)
+        if (type(module), reason) not in _SAID:  # once, not at every layer and step
+            _SAID.add((type(module), reason))
+            logger.warning("dsa: %s runs dense: %s", type(module).__name__, reason)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     indexer = getattr(module, "dsa_indexer", None)

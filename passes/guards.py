@@ -180,9 +180,10 @@ def check_operands(site: AttentionSite) -> None:
         if heads != kv_heads and not site.enable_gqa:
             raise KeepDense(f"q has {heads} heads and k {kv_heads} without enable_gqa "
                             "(broadcast over heads)")
-    # Contraction sizes: the original raises unless they are equal (matmul and SDPA never
-    # broadcast them), and so do the dsa ops' input checks; sizes only unproven equal (a KV
-    # cache's keys and values as separate symbols under dynamic shapes) are rewritten.
+    # Contraction sizes: they must be equal for the original to mean anything (matmul raises;
+    # SDPA's CPU kernel silently reads only Lk rows of v), and the dsa ops' input checks raise
+    # on a mismatch. Sizes only unproven equal (a KV cache's keys and values as separate
+    # symbols under dynamic shapes) are rewritten; provably different ones stay dense.
     if known_different(k.shape[-2], v.shape[-2]) or known_different(q.shape[-1], k.shape[-1]):
         raise KeepDense(f"q @ k^T and p @ v do not pair up: q {tuple(q.shape)}, k "
                         f"{tuple(k.shape)}, v {tuple(v.shape)}")

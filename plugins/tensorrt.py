@@ -107,10 +107,19 @@ def _drop_hidden_params(ptx: str, name: str, expected: int) -> str:
     return ptx[:entry.start(1)] + "\n\t" + signature + "\n" + ptx[entry.end(1):]
 
 
-def sparse_attention_kernel(q_shape: list[Any], k_shape: list[Any], v_shape: list[Any],
-                            idx_shape: list[Any], bias_shape: list[Any], dtype: torch.dtype,
-                            scale: float, causal: bool, q_offset: int, query_block: int,
-                            arch: int | None = None) -> PluginKernel:
+@dataclass
+class PluginLaunch:
+    """The launch of ``sparse_attention_fwd_plugin`` for some input shapes: grid, int32
+    scalars (ints or shape expressions, as the shapes were) and compile-time constants."""
+
+    grid: tuple[Any, Any, Any]
+    extra_args: list[Any]
+    constants: dict[str, Any]
+
+
+def sparse_attention_launch(q_shape: list[Any], k_shape: list[Any], v_shape: list[Any],
+                            idx_shape: list[Any], bias_shape: list[Any], scale: float,
+                            causal: bool, q_offset: int, query_block: int) -> PluginLaunch:
     """The plugin's launch of ``dsa::SparseAttention`` for these (contiguous) input shapes:
     ``q [B, H, Lq, D]``, ``k [B, Hkv, Lk, D]``, ``v [B, Hkv, Lk, Dv]``, ``indices [B, R, K]``,
     ``bias [B|1, H|1, Lq|1, Lk|1]`` (H, Hkv, D, Dv must be static; B, Lq, Lk, R, K may be
@@ -124,12 +133,6 @@ def sparse_attention_kernel(q_shape: list[Any], k_shape: list[Any], v_shape: lis
     rows, topk = idx_shape[1], idx_shape[2]
     group = heads_n // kv_n
     tiling, meta = tsa.forward_config(group, query_block, dim, dim_v, bool(causal), True)
-    constants = {**meta, "QK_SCALE": float(scale) * LOG2E}
-    kind = "*" + _TRITON_TYPES[dtype]
-    pointers = dict(Q=kind, K=kind, V=kind, IDX="*i32", BIAS=kind, OUT=kind, LSE="*fp32")
-    compiled = compile_kernel(tsa.sparse_attention_fwd_plugin, pointers, constants,
-                              target=GPUTarget("cuda", arch or target_arch(), 32))
-    ptx = _drop_hidden_params(compiled.ptx, compiled.name, len(INPUTS) + len(SCALARS) + 2)
     sq, sk, sv = (_contiguous_strides(list(s)) for s in (q_shape, k_shape, v_shape))
     si = _contiguous_strides(list(idx_shape))
     sb = _broadcast_strides(list(bias_shape))
@@ -138,8 +141,24 @@ def sparse_attention_kernel(q_shape: list[Any], k_shape: list[Any], v_shape: lis
     extra = [*sq[:3], *sk[:3], *sv[:3], *si[:2], *sb, *so[:3], *sl[:3], lq, lk, topk, group,
              q_offset]
     grid = (rows * tiling.sub_tiles, kv_heads * tiling.head_blocks, batch)
-    return PluginKernel(compiled.name, ptx, grid, compiled.num_warps * 32, compiled.shared,
-                        extra, constants)
+    return PluginLaunch(grid, extra, {**meta, "QK_SCALE": float(scale) * LOG2E})
+
+
+def sparse_attention_kernel(q_shape: list[Any], k_shape: list[Any], v_shape: list[Any],
+                            idx_shape: list[Any], bias_shape: list[Any], dtype: torch.dtype,
+                            scale: float, causal: bool, q_offset: int, query_block: int,
+                            arch: int | None = None) -> PluginKernel:
+    """:func:`sparse_attention_launch` with the kernel compiled for ``arch`` (PTX whose entry
+    takes exactly the plugin's parameters)."""
+    launch = sparse_attention_launch(q_shape, k_shape, v_shape, idx_shape, bias_shape, scale,
+                                     causal, q_offset, query_block)
+    kind = "*" + _TRITON_TYPES[dtype]
+    pointers = dict(Q=kind, K=kind, V=kind, IDX="*i32", BIAS=kind, OUT=kind, LSE="*fp32")
+    compiled = compile_kernel(tsa.sparse_attention_fwd_plugin, pointers, launch.constants,
+                              target=GPUTarget("cuda", arch or target_arch(), 32))
+    ptx = _drop_hidden_params(compiled.ptx, compiled.name, len(INPUTS) + len(SCALARS) + 2)
+    return PluginKernel(compiled.name, ptx, launch.grid, compiled.num_warps * 32,
+                        compiled.shared, launch.extra_args, launch.constants)
 
 
 def register(trtp: Any, trt: Any) -> None:

@@ -279,3 +279,30 @@ def test_kernels_compile_for_hopper():
         # Per-query selection with 4 heads a kv head has 16 rows a program: too few for a
         # warpgroup MMA (64 rows), so that one config uses mma.sync.
         assert kernel["wgmma"] is (name != "sparse_attention/llama8b_exact"), (name, kernel)
+
+
+@pytest.mark.parametrize("causal,query_block,bias_shape", [(True, 4, (2, 1, 10, 14)),
+                                                           (False, 1, (1, 4, 1, 14))])
+def test_tensorrt_plugin_entry_computes_the_op(causal, query_block, bias_shape):
+    """The plugin's entry kernel (TensorRT's calling convention), launched in the interpreter
+    with exactly the grid, scalars and constants the plugin hands TensorRT, equals the op."""
+    from dsa_compile.plugins.tensorrt import sparse_attention_launch
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, h, n, 16, generator=gen) for h, n in ((4, 10), (2, 14), (2, 14)))
+    rows = -(-10 // query_block)
+    indices = torch.stack([torch.stack([torch.randperm(14, generator=gen)[:6]
+                                        for _ in range(rows)]) for _ in range(2)]).int()
+    bias = torch.randn(bias_shape, generator=gen)
+    q, k, v, indices, bias = (t.to(DEVICE) for t in (q, k, v, indices, bias))
+    launch = sparse_attention_launch(list(q.shape), list(k.shape), list(v.shape),
+                                     list(indices.shape), list(bias.shape), 0.25, causal, 2,
+                                     query_block)
+    out = torch.empty(2, 4, 10, 16, device=DEVICE)
+    lse = torch.empty(2, 4, 10, device=DEVICE)
+    tsa.sparse_attention_fwd_plugin[launch.grid](q, k, v, indices, bias, *launch.extra_args,
+                                                 out, lse, **launch.constants)
+    expected, expected_lse = torch.ops.dsa.sparse_attention(q, k, v, indices, 0.25, bias, causal,
+                                                            2, query_block)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-4, atol=1e-4)
