@@ -45,9 +45,9 @@ class IndexKeys:
         self.keys.clear()
 
     def after_update(self, layer: int, new_keys: torch.Tensor, keys: torch.Tensor,
-                     start: int | None) -> None:
+                     written: torch.Tensor | None) -> None:
         """``new_keys`` were just written to layer ``layer``'s cache, whose keys are now
-        ``keys``; ``start``: where a static cache wrote them (None if unknown)."""
+        ``keys``; ``written``: the positions a static cache wrote them at (None if unknown)."""
         indexer = self.indexers.get(layer)
         if indexer is None:
             return
@@ -55,10 +55,9 @@ class IndexKeys:
         held, total, new = self.keys.get(layer), keys.shape[2], new_keys.shape[2]
         if held is not None and held.shape[1] + new == total:  # dynamic: append
             held = torch.cat([held, index_keys(new_keys, k_proj)], dim=1)
-        elif (held is not None and held.shape[1] == total and start is not None
-              and start + new <= total):  # static: write where the cache wrote
-            positions = torch.arange(start, start + new, device=held.device)
-            held.index_copy_(1, positions, index_keys(new_keys, k_proj).to(held.dtype))
+        elif held is not None and held.shape[1] == total and written is not None:
+            # static: write where the cache wrote (its own index_copy_ checked the range)
+            held.index_copy_(1, written, index_keys(new_keys, k_proj).to(held.dtype))
         elif new == total:
             held = index_keys(new_keys, k_proj)
         else:  # nothing to vouch for (a first static step, a cache filled elsewhere)
@@ -87,8 +86,8 @@ def index_cache(model: torch.nn.Module, cache: Any = None) -> Any:
 
     def update_with_index_keys(key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = update(key_states, value_states, layer_idx, *args, **kwargs)
-        store.after_update(layer_idx, key_states, keys, _static_start(cache, layer_idx,
-                                                                      key_states.shape[2]))
+        store.after_update(layer_idx, key_states, keys,
+                           _static_positions(cache, layer_idx, key_states.shape[2]))
         return keys, values
 
     cache.update = update_with_index_keys
@@ -100,17 +99,18 @@ def index_cache(model: torch.nn.Module, cache: Any = None) -> Any:
     return cache
 
 
-def _static_start(cache: Any, layer: int, new: int) -> int | None:
-    """Where a static cache layer wrote the last ``new`` tokens (its ``cumulative_length``
-    counts the tokens written), or None for other layers."""
+def _static_positions(cache: Any, layer: int, new: int) -> torch.Tensor | None:
+    """The positions where a static cache layer wrote its last ``new`` tokens, as the layer
+    computes them (its ``cumulative_length`` tensor counts the tokens written; tensor ops only,
+    so a compiled decode step neither breaks its graph nor recompiles per token), or None for
+    other layers."""
     layers = getattr(cache, "layers", None)
     if layers is None or layer >= len(layers):
         return None
     written = getattr(layers[layer], "cumulative_length", None)
-    if not isinstance(written, (int, torch.Tensor)) or not hasattr(layers[layer],
-                                                                    "max_cache_len"):
+    if not isinstance(written, torch.Tensor) or not hasattr(layers[layer], "max_cache_len"):
         return None
-    return int(written) - new
+    return torch.arange(new, device=written.device) + (written - new)
 
 
 def _clearing(method: Any, store: IndexKeys) -> Any:

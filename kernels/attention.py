@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import device_granularity
+from ..config import DECODE_QUERIES, device_granularity
+from . import decode
 from .ops import indexer_topk, sparse_attention
 
 # Set by capture_selections(): a list that receives each site's selection (for measurements).
@@ -269,8 +270,14 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
     query_block, key_block = granularity(q.device, blocks[0], blocks[1], lq)
     q_idx, k_idx, weights = indexer_inputs(q if indexer_q is None else indexer_q, k, *indexer,
                                            per_kv_head, cached_keys)
+    keys_only = _keys_only_mask(attn_mask)
+    if (_capture is None and not per_kv_head
+            and decode.applies(q, is_causal, keys_only, attn_mask, (query_block, key_block),
+                               DECODE_QUERIES, (q, k, v, *indexer))):
+        visible = None if attn_mask is None else _key_visibility(attn_mask, batch, lk)
+        return decode.decode_attention(q, k, v, q_idx, k_idx, weights, visible, topk, scale)
     bias, visible = mask_to_bias_and_visibility(attn_mask, batch, lq, lk, select_all)
-    if _keys_only_mask(attn_mask):
+    if keys_only:
         # True = attend, the same for every head and query: the selection never picks a key it
         # hides, so over the selected keys the bias is all zeros.
         bias = None
@@ -296,6 +303,11 @@ def _keys_only_mask(attn_mask: torch.Tensor | None) -> bool:
     if attn_mask is None or attn_mask.dtype != torch.bool:
         return False
     return all(n == 1 for n in attn_mask.shape[-3:-1]) and attn_mask.dim() >= 2
+
+
+def _key_visibility(attn_mask: torch.Tensor, batch: int, lk: int) -> torch.Tensor:
+    """A keys-only boolean mask (:func:`_keys_only_mask`) as ``[B, Lk]``."""
+    return attn_mask.reshape(-1, attn_mask.shape[-1]).expand(batch, lk)
 
 
 def _exported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -28,6 +28,10 @@ def topk_lowest_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     # Ties at -inf (keys nobody sees) become -1 whichever are taken; a NaN k-th place is ranked
     # as torch ranks it.
     redo = ties & torch.isfinite(kth.squeeze(-1))
+    if torch.compiler.is_compiling():  # no data-dependent branch: fix every row, keep the tied
+        fixed_values, fixed_picked = _lowest_ties_every_row(scores, kth, k)
+        return (torch.where(redo[..., None], fixed_values, values),
+                torch.where(redo[..., None], fixed_picked, picked))
     if not bool(redo.any()):
         return values, picked
     rows = scores[redo]
@@ -43,3 +47,18 @@ def topk_lowest_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     values[redo] = chosen_values.gather(-1, order)
     picked[redo] = positions.gather(-1, order)
     return values, picked
+
+
+def _lowest_ties_every_row(scores: torch.Tensor, kth: torch.Tensor, k: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tie rule applied to every row without data-dependent shapes (for compiled graphs):
+    the entries above the k-th value, then the lowest-index entries equal to it, exactly k per
+    row, picked by a top-k of the 0/1 choice (any order among ones), then sorted by score."""
+    above = (scores > kth) | scores.isnan()
+    equal = scores == kth
+    slots = k - above.sum(-1, keepdim=True)
+    chosen = above | (equal & (equal.cumsum(-1) <= slots))
+    positions = chosen.to(torch.float32).topk(k, dim=-1).indices
+    chosen_values = scores.gather(-1, positions)
+    order = chosen_values.sort(dim=-1, descending=True, stable=True).indices
+    return chosen_values.gather(-1, order), positions.gather(-1, order)

@@ -211,6 +211,25 @@ MUTATIONS: list[Mutation] = [
              "    return all(n == 1 for n in attn_mask.shape[-3:-1]) and attn_mask.dim() >= 2",
              "    return attn_mask.dim() >= 2",
              ("tests/test_guards.py", "-k", "drop_the_bias")),
+    Mutation("decode path: keys-only mask ignored", "kernels/decode.py",
+             "            scores = scores.masked_fill_(~visible[b], NEG_INF)",
+             "            pass",
+             ("tests/test_decode_path.py",)),
+    Mutation("decode path: taken for masks that vary per query", "kernels/decode.py",
+             "    if attn_mask is not None and not keys_only_mask:\n        return False\n", "",
+             ("tests/test_decode_path.py",)),
+    Mutation("decode path: empty slots attended", "kernels/decode.py",
+             "        logits.masked_fill_(empty, NEG_INF)\n", "",
+             ("tests/test_decode_path.py",)),
+    Mutation("compiled tie rule: tied rows not fixed", "kernels/topk.py",
+             "        return (torch.where(redo[..., None], fixed_values, values),\n"
+             "                torch.where(redo[..., None], fixed_picked, picked))",
+             "        return values, picked",
+             ("tests/test_decode_path.py", "-k", "tie_rule")),
+    Mutation("static index cache: written at the wrong place", "dsa_compile/key_cache.py",
+             "    return torch.arange(new, device=written.device) + (written - new)",
+             "    return torch.arange(new, device=written.device) + (written - new - 1).clamp(min=0)",
+             ("tests/test_hf_attention.py", "-k", "static")),
 ]
 
 ROOT = Path(__file__).resolve().parents[1]

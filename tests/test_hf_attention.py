@@ -63,7 +63,9 @@ def test_generate_decodes_sparse_and_each_step_equals_the_full_forward():
     with torch.no_grad(), OpCounter() as counter:
         out = model.generate(prompt, max_new_tokens=10, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
-    assert counter.counts["dsa.indexer_topk"] == 10 * 2  # prefill + 9 steps, 2 layers
+    # prefill through the ops, then 9 steps through the lean decode path, 2 layers each
+    assert counter.counts["dsa.indexer_topk"] == 2
+    assert counter.counts["dsa.decode_attention"] == 9 * 2
     with torch.no_grad():
         full = model(out.sequences).logits[0, 19:-1]
     torch.testing.assert_close(torch.stack(out.logits, 1)[0], full, rtol=0, atol=1e-5)
@@ -109,7 +111,9 @@ def test_compiled_generate_runs_the_dsa_ops_and_leaves_the_model_alone():
     compiled = dsa_compile.compile(model, mode="eager", **EXACT)
     with torch.no_grad(), OpCounter() as counter:
         compiled.generate(prompt, max_new_tokens=4, do_sample=False)
-    assert counter.counts["dsa.sparse_attention"] == 4 * 2  # decode steps too (dynamic shapes)
+    # prefill through the ops, the 3 decode steps (dynamic shapes) through the decode path
+    assert counter.counts["dsa.sparse_attention"] == 2
+    assert counter.counts["dsa.decode_attention"] == 3 * 2
     assert "forward" not in vars(model) and "generate" not in vars(model)
 
 
@@ -215,3 +219,34 @@ def test_index_cache_after_a_beam_reorder_recomputes_instead_of_going_stale():
 def test_index_cache_needs_indexers():
     with pytest.raises(ValueError, match="configure"):
         dsa_compile.index_cache(tiny_model("llama", "sdpa"))
+
+
+def test_compiled_static_decode_step_is_one_graph_compiled_once():
+    """A static cache keeps every step's shapes; the step with the indexer key cache then
+    compiles to one graph, once, and decodes what the eager step decodes."""
+    model = tiny_model("llama", "dsa")
+    dsa_compile.configure(model, **EXACT)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    step = torch.compile(model.forward, backend=backend)
+    prompt = _ids(1, 20, 9)
+    logits = {}
+    for name, run in (("eager", model.forward), ("compiled", step)):
+        cache = dsa_compile.index_cache(model, transformers.StaticCache(config=model.config,
+                                                                        max_cache_len=64))
+        with torch.no_grad():
+            token = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            steps = []
+            for i in range(8):  # 28 tokens > topk: sparse from the first step
+                position = torch.tensor([[20 + i]])
+                out = run(input_ids=token, past_key_values=cache, position_ids=position,
+                          cache_position=position[0], use_cache=True).logits
+                steps.append(out)
+                token = out[:, -1:].argmax(-1)
+        logits[name] = torch.cat(steps, 1)
+    assert len(graphs) == 1
+    torch.testing.assert_close(logits["compiled"], logits["eager"], rtol=0, atol=1e-5)
