@@ -38,3 +38,15 @@ def test_benchmark_writes_table_json_and_plot(bench, tmp_path):
     data = json.loads(out.with_suffix(".json").read_text())
     assert set(data["results"]["256"]) >= {"sdpa", "dsa", "indexer", "sparse_attn", "sparse_rand"}
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_decode_benchmark_writes_its_table(tmp_path):
+    spec = importlib.util.spec_from_file_location("decode_bench", BENCH.parent / "decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--contexts", "300", "--topk", "32", "--steps", "1", "--out", str(tmp_path)])
+    table = (tmp_path / "decode_static.md").read_text()
+    assert "| 300 |" in table and "step speed-up" in table
+    row = json.loads((tmp_path / "decode_static.json").read_text())[0]
+    # layers x (tokens + 8 free slots of the static cache) x DI x fp32
+    assert row["index_cache_mib"] * 2**20 == 8 * (300 + 8) * 32 * 4
