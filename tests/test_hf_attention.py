@@ -250,3 +250,14 @@ def test_compiled_static_decode_step_is_one_graph_compiled_once():
         logits[name] = torch.cat(steps, 1)
     assert len(graphs) == 1
     torch.testing.assert_close(logits["compiled"], logits["eager"], rtol=0, atol=1e-5)
+
+
+def test_in_place_module_compile_makes_generate_sparse():
+    """``model.compile(backend="dsa")`` (PyTorch's in-place form) compiles what ``generate``
+    calls, unlike ``torch.compile(model, ...)``, whose ``generate`` is the original module's."""
+    model = tiny_model("llama", "sdpa")
+    model.compile(backend="dsa", options=dict(EXACT, mode="eager"))
+    with torch.no_grad(), OpCounter() as counter:
+        model.generate(_ids(1, 20, 10), max_new_tokens=4, do_sample=False)
+    assert counter.counts["dsa.sparse_attention"] == 2  # prefill, 2 layers
+    assert counter.counts["dsa.decode_attention"] == 3 * 2
