@@ -72,7 +72,7 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: 
         vals = v[b].reshape(kv_heads * lk, dv).index_select(0, flat)
         keys = keys.view(kv_heads, lq, count, dim).float()
         vals = vals.view(kv_heads, lq, count, dv).float()
-        queries = q[b].view(kv_heads, group, lq, dim).float()
+        queries = q[b].reshape(kv_heads, group, lq, dim).float()
         logits = torch.einsum("hgqd,hqsd->hgqs", queries, keys).mul_(scale)
         logits.masked_fill_(empty, NEG_INF)
         probs = logits.softmax(dim=-1).nan_to_num_(0.0)  # a row with no key: zeros

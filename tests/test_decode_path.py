@@ -54,6 +54,16 @@ def test_score_ties_at_the_kth_place_follow_the_ops_rule():
     torch.testing.assert_close(got, _through_ops(x, None, 40, None), rtol=1e-5, atol=1e-5)
 
 
+def test_queries_laid_out_as_hf_attention_gives_them():
+    """q as transformers makes it: ``[B, L, H, D]`` transposed to ``[B, H, L, D]`` (not
+    contiguous), several queries (assisted decoding)."""
+    x = _inputs(lq=5, seed=11)
+    x["q"] = x["q"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not x["q"].is_contiguous()
+    got = decode.decode_attention(**x, visible=None, topk=16, scale=None)
+    torch.testing.assert_close(got, _through_ops(x, None, 16, None), rtol=1e-5, atol=1e-5)
+
+
 def test_a_query_that_sees_no_key_gets_zeros_like_the_ops():
     x = _inputs(lq=2, lk=50)
     visible = torch.ones(2, 50, dtype=torch.bool)
