@@ -123,6 +123,27 @@ def check_selection_args(
         _fail(op, "candidate_blocks is only meaningful with key_block > 0")
 
 
+def check_attention_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """``q [B, H, Lq, D]``, ``k [B, Hkv, Lk, D]``, ``v [B, Hkv, Lk, Dv]`` of one float dtype, H a
+    multiple of Hkv."""
+    check_rank(op, "q", q, "[B, H, Lq, D]")
+    check_rank(op, "k", k, "[B, Hkv, Lk, D]")
+    check_rank(op, "v", v, "[B, Hkv, Lk, Dv]")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(op, name, t)
+    if not (q.dtype == k.dtype == v.dtype):
+        _fail(op, f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, heads, _, dim = q.shape
+    kv_heads, lk = k.shape[1], k.shape[2]
+    check_dim(op, "k", k, 0, batch, "batch, as q.shape[0]")
+    check_dim(op, "k", k, 3, dim, "head dim D, as q.shape[3]")
+    check_dim(op, "v", v, 0, batch, "batch, as q.shape[0]")
+    check_dim(op, "v", v, 1, kv_heads, "kv heads Hkv, as k.shape[1]")
+    check_dim(op, "v", v, 2, lk, "keys Lk, as k.shape[2]")
+    if kv_heads < 1 or heads % kv_heads != 0:
+        _fail(op, f"the query heads H={heads} must be a multiple of the kv heads Hkv={kv_heads}")
+
+
 def check_sparse_attention_args(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -135,23 +156,10 @@ def check_sparse_attention_args(
 ) -> None:
     """Checks the inputs of ``sparse_attention`` (and its backward)."""
     op = "sparse_attention"
-    check_rank(op, "q", q, "[B, H, Lq, D]")
-    check_rank(op, "k", k, "[B, Hkv, Lk, D]")
-    check_rank(op, "v", v, "[B, Hkv, Lk, Dv]")
     check_rank(op, "indices", indices, "[B, rows, K]")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float(op, name, t)
-    if not (q.dtype == k.dtype == v.dtype):
-        _fail(op, f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    batch, heads, lq, dim = q.shape
-    kv_heads, lk = k.shape[1], k.shape[2]
-    check_dim(op, "k", k, 0, batch, "batch, as q.shape[0]")
-    check_dim(op, "k", k, 3, dim, "head dim D, as q.shape[3]")
-    check_dim(op, "v", v, 0, batch, "batch, as q.shape[0]")
-    check_dim(op, "v", v, 1, kv_heads, "kv heads Hkv, as k.shape[1]")
-    check_dim(op, "v", v, 2, lk, "keys Lk, as k.shape[2]")
-    if kv_heads < 1 or heads % kv_heads != 0:
-        _fail(op, f"the query heads H={heads} must be a multiple of the kv heads Hkv={kv_heads}")
+    check_attention_inputs(op, q, k, v)
+    batch, heads, lq, _ = q.shape
+    lk = k.shape[2]
     check_positive(op, "query_block", query_block)
     check_non_negative(op, "q_offset", q_offset)
     if indices.dtype not in INDEX_DTYPES:

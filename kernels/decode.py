@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from . import checks
 from .indexer import score_chunk
 from .topk import topk_lowest_ties
 
@@ -44,6 +45,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: t
     with the best indexer scores (ties toward lower positions); a query that sees no key gets
     zeros. Returns ``[B, H, Lq, Dv]`` in ``q``'s dtype.
     """
+    checks.check_attention_inputs("decode_attention", q, k, v)  # as the ops it stands in for
     if torch.compiler.is_compiling():  # Dynamo would warn that it drops the profiler range
         return _decode_attention(q, k, v, q_idx, k_idx, weights, visible, topk, scale)
     with torch.profiler.record_function("dsa::decode_attention"):

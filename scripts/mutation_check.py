@@ -221,6 +221,9 @@ MUTATIONS: list[Mutation] = [
     Mutation("decode path: empty slots attended", "kernels/decode.py",
              "        logits.masked_fill_(empty, NEG_INF)\n", "",
              ("tests/test_decode_path.py",)),
+    Mutation("decode path: k / v lengths not checked", "kernels/decode.py",
+             '    checks.check_attention_inputs("decode_attention", q, k, v)', "    pass",
+             ("tests/test_guards.py", "-k", "unproven")),
     Mutation("compiled tie rule: tied rows not fixed", "kernels/topk.py",
              "        return (torch.where(redo[..., None], fixed_values, values),\n"
              "                torch.where(redo[..., None], fixed_picked, picked))",

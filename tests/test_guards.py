@@ -545,22 +545,24 @@ def test_einsum_softmax_over_queries_stays_dense():
     assert_exact(over_queries, q, k, v, rewritten=False)
 
 
-def test_key_and_value_lengths_unproven_equal_are_rewritten_and_checked_at_run_time():
+@pytest.mark.parametrize("queries,op", [(12, "dsa.sparse_attention"),
+                                        (6, "dsa.decode_attention")])  # <= 8: the decode path
+def test_key_and_value_lengths_unproven_equal_are_rewritten_and_checked_at_run_time(queries, op):
     """Under dynamic shapes a KV cache's keys and values have separate length symbols: the pass
-    rewrites them, and the dsa ops check the lengths at run time: a mismatch is an error
-    naming v (SDPA's CPU kernel silently reads only Lk rows of v there)."""
+    rewrites them, and the dsa ops (or the decode path) check the lengths at run time: a
+    mismatch is an error naming v (SDPA's CPU kernel silently reads only Lk rows of v there)."""
     def attend(q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
 
     compiled = torch.compile(Fn(attend), backend="dsa", dynamic=True,
                              options={**FORCED, "topk": 4})
-    q = torch.randn(B, H, 6, D)
+    q = torch.randn(B, H, queries, D)
     with torch.no_grad(), OpCounter() as counter:
         for length in (20, 27):
             k, v = torch.randn(B, H, length, D), torch.randn(B, H, length, D)
             out = compiled(q, k, v)
-            assert out.shape == (B, H, 6, D)
-    assert counter.counts["dsa.sparse_attention"] == 2
+            assert out.shape == (B, H, queries, D)
+    assert counter.counts[op] == 2
     with pytest.raises(dsa_compile.DSAInputError, match="v"):
         compiled(q, torch.randn(B, H, 30, D), torch.randn(B, H, 31, D))
 
