@@ -272,8 +272,8 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
                                            per_kv_head, cached_keys)
     keys_only = _keys_only_mask(attn_mask)
     if (_capture is None and not per_kv_head
-            and decode.applies(q, is_causal, keys_only, attn_mask, (query_block, key_block),
-                               DECODE_QUERIES, (q, k, v, *indexer))):
+            and decode.applies(q, is_causal, attn_mask is None or keys_only,
+                               (query_block, key_block), DECODE_QUERIES, (q, k, v, *indexer))):
         visible = None if attn_mask is None else _key_visibility(attn_mask, batch, lk)
         return decode.decode_attention(q, k, v, q_idx, k_idx, weights, visible, topk, scale)
     bias, visible = mask_to_bias_and_visibility(attn_mask, batch, lq, lk, select_all)

@@ -21,15 +21,14 @@ from .topk import topk_lowest_ties
 NEG_INF = float("-inf")
 
 
-def applies(q: torch.Tensor, is_causal: bool, keys_only_mask: bool, attn_mask: torch.Tensor | None,
-            blocks: tuple[int, int], decode_queries: int, tensors: tuple[torch.Tensor, ...]
-            ) -> bool:
+def applies(q: torch.Tensor, is_causal: bool, mask_over_keys_only: bool, blocks: tuple[int, int],
+            decode_queries: int, tensors: tuple[torch.Tensor, ...]) -> bool:
     """True when :func:`decode_attention` computes what the ops compute for this call: CPU, at
     most ``decode_queries`` queries, exact selection (``blocks == (1, 0)``), not causal, no mask
-    or a keys-only boolean one, and no gradient to track."""
+    or a keys-only boolean one (``mask_over_keys_only``), and no gradient to track."""
     if q.device.type != "cpu" or q.shape[2] > decode_queries or blocks != (1, 0) or is_causal:
         return False
-    if attn_mask is not None and not keys_only_mask:
+    if not mask_over_keys_only:
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 

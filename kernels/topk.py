@@ -29,32 +29,24 @@ def topk_lowest_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     # as torch ranks it.
     redo = ties & torch.isfinite(kth.squeeze(-1))
     if torch.compiler.is_compiling():  # no data-dependent branch: fix every row, keep the tied
-        fixed_values, fixed_picked = _lowest_ties_every_row(scores, kth, k)
+        fixed_values, fixed_picked = _apply_tie_rule(scores, kth, k)
         return (torch.where(redo[..., None], fixed_values, values),
                 torch.where(redo[..., None], fixed_picked, picked))
     if not bool(redo.any()):
         return values, picked
-    rows = scores[redo]
-    row_kth = kth[redo]
-    above = (rows > row_kth) | rows.isnan()  # torch.topk ranks NaN above every number
-    equal = rows == row_kth
-    slots = k - above.sum(-1, keepdim=True)
-    chosen = above | (equal & (equal.cumsum(-1) <= slots))  # exactly k per row
-    positions = chosen.nonzero()[:, -1].view(rows.shape[0], k)  # ascending
-    chosen_values = rows.gather(-1, positions)
-    order = chosen_values.sort(dim=-1, descending=True, stable=True).indices
+    fixed_values, fixed_picked = _apply_tie_rule(scores[redo], kth[redo], k)
     values, picked = values.clone(), picked.clone()
-    values[redo] = chosen_values.gather(-1, order)
-    picked[redo] = positions.gather(-1, order)
+    values[redo], picked[redo] = fixed_values, fixed_picked
     return values, picked
 
 
-def _lowest_ties_every_row(scores: torch.Tensor, kth: torch.Tensor, k: int
+def _apply_tie_rule(scores: torch.Tensor, kth: torch.Tensor, k: int
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tie rule applied to every row without data-dependent shapes (for compiled graphs):
-    the entries above the k-th value, then the lowest-index entries equal to it, exactly k per
-    row, picked by a top-k of the 0/1 choice (any order among ones), then sorted by score."""
-    above = (scores > kth) | scores.isnan()
+    """The tie rule applied to every row of ``scores`` (``kth``: each row's k-th best value),
+    without data-dependent shapes, so compiled graphs take it too: the entries above the k-th
+    value, then the lowest-index entries equal to it, exactly k per row, picked by a top-k of
+    the 0/1 choice (any order among ones), then sorted by score."""
+    above = (scores > kth) | scores.isnan()  # torch.topk ranks NaN above every number
     equal = scores == kth
     slots = k - above.sum(-1, keepdim=True)
     chosen = above | (equal & (equal.cumsum(-1) <= slots))
