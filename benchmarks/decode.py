@@ -85,6 +85,33 @@ def attention_times(context: int, topk: int, repeats: int) -> tuple[float, float
     return sdpa, sparse
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Per-token step time and one layer's attention time, SDPA vs dsa, per context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = [str(r["context"]) for r in rows]
+    series = {"step (ms)": [("SDPA", "sdpa_step_ms"), ("dsa", "dsa_step_ms")],
+              "one layer's attention (ms)": [("SDPA", "attention_sdpa_ms"),
+                                             ("dsa", "attention_dsa_ms")]}
+    if "compiled_dsa_step_ms" in rows[0]:
+        series["step (ms)"].append(("dsa, compiled", "compiled_dsa_step_ms"))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, (title, bars) in zip(axes, series.items(), strict=True):
+        width = 0.8 / len(bars)
+        for i, (label, key) in enumerate(bars):
+            xs = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(rows))]
+            ax.bar(xs, [r[key] for r in rows], width, label=label)
+        ax.set_xticks(range(len(rows)), contexts)
+        ax.set_xlabel("context (tokens)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536])
@@ -154,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"decode_{args.cache}.md").write_text(text)
     (args.out / f"decode_{args.cache}.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, args.out / f"decode_{args.cache}.png")
 
 
 if __name__ == "__main__":

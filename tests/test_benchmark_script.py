@@ -47,6 +47,7 @@ def test_decode_benchmark_writes_its_table(tmp_path):
     module.main(["--contexts", "300", "--topk", "32", "--steps", "1", "--out", str(tmp_path)])
     table = (tmp_path / "decode_static.md").read_text()
     assert "| 300 |" in table and "step speed-up" in table
+    assert (tmp_path / "decode_static.png").stat().st_size > 10_000
     row = json.loads((tmp_path / "decode_static.json").read_text())[0]
     # layers x (tokens + 8 free slots of the static cache) x DI x fp32
     assert row["index_cache_mib"] * 2**20 == 8 * (300 + 8) * 32 * 4
