@@ -90,7 +90,7 @@ def _resolved(config: DSAConfig) -> dict[str, Any]:
 
     options = dict(vars(config))
     options["query_block"], options["key_block"] = granularity(
-        torch.device("cpu"), config.query_block, config.key_block)
+        torch.device("cpu"), config.query_block, config.key_block, config.topk)
     return options
 
 

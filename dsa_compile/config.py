@@ -40,8 +40,10 @@ class DSAConfig:
     - ``index_heads`` / ``index_dim``: size of each site's lightning indexer (HI, DI).
     - ``query_block`` / ``key_block`` / ``candidate_blocks``: selection granularity of
       ``dsa::indexer_topk`` (``query_block=1, key_block=0`` is exact per-query top-k). ``None``
-      picks per device what measured fastest: 128 / 64 on CPU (two-stage), 64 / 0 on CUDA
-      (the Triton indexer scores every key; see BENCHMARKS.md).
+      picks per device what measured fastest: on CPU 128 / 64 (two-stage) for budgets from
+      512 keys, finer below (tiles of ``topk / 4`` queries, ``topk / 8``-key blocks:
+      :func:`budget_granularity`); 64 / 0 on CUDA (the Triton indexer scores every key; see
+      BENCHMARKS.md).
     - ``selection``: ``"shared"``, one selection for all heads of a query (tile), or
       ``"kv_head"``, one per kv head (per head in MHA models; FlashMLA's ``[s_q, h_kv, topk]``):
       new indexers get one index head group per kv head.
@@ -137,13 +139,14 @@ class DSAConfig:
 
     def granularity(self, device_type: str) -> tuple[int, int]:
         """``(query_block, key_block)`` on ``device_type``, unset fields from the device's
-        defaults (:data:`DEVICE_GRANULARITY`)."""
-        return device_granularity(device_type, self.query_block, self.key_block)
+        defaults for this budget (:func:`device_granularity`)."""
+        return device_granularity(device_type, self.query_block, self.key_block, self.topk)
 
 
-# Selection granularity (query_block, key_block) when the config leaves it to the device: what
-# measured fastest at long context (CPU: benchmarks/results/cpu_ops.md; CUDA: BENCHMARKS.md).
-# The one place per-device defaults live; the ops resolve ``None`` through it at run time.
+# Selection granularity (query_block, key_block) when the config leaves it to the device, for
+# large budgets (topk >= 512): what measured fastest at long context (CPU:
+# benchmarks/results/cpu_ops.md; CUDA: BENCHMARKS.md). The one place per-device defaults live;
+# the ops resolve ``None`` through :func:`device_granularity` at run time.
 DEVICE_GRANULARITY = {"cpu": (128, 64), "cuda": (64, 0)}
 
 
@@ -154,11 +157,29 @@ DEVICE_GRANULARITY = {"cpu": (128, 64), "cuda": (64, 0)}
 DECODE_QUERIES = 8
 
 
+def _power_of_two_at_most(value: int) -> int:
+    return 1 << (max(1, value).bit_length() - 1)
+
+
+def budget_granularity(topk: int, query_block: int, key_block: int) -> tuple[int, int]:
+    """The CPU default scaled to a budget of ``topk`` keys: tiles of at most ``topk / 4``
+    queries (a tile shares one selection, which must hold every query's own recent keys with
+    room to spare) and two-stage key blocks of at most ``topk / 8`` keys (at least 16 candidate
+    blocks, at least 4 keys a block); powers of two, capped at ``(query_block, key_block)``.
+    On MiniLM at topk 64 this lifts pooled-embedding cosine 0.81 -> 0.90 at 2.5x SDPA's speed at
+    16K tokens instead of 9x (benchmarks/results/granularity.md)."""
+    return (min(query_block, _power_of_two_at_most(topk // 4)),
+            min(key_block, max(4, _power_of_two_at_most(topk // 8))))
+
+
 def device_granularity(device_type: str, query_block: int | None, key_block: int | None,
-                       queries: int | None = None) -> tuple[int, int]:
-    """``(query_block, key_block)`` with ``None`` replaced by ``device_type``'s default (for a
-    call with at most :data:`DECODE_QUERIES` ``queries``: 1 and 0)."""
+                       topk: int, queries: int | None = None) -> tuple[int, int]:
+    """``(query_block, key_block)`` with ``None`` replaced by ``device_type``'s default for a
+    budget of ``topk`` keys (CPU: :func:`budget_granularity`; for a call with at most
+    :data:`DECODE_QUERIES` ``queries``: 1 and 0)."""
     qb, kb = DEVICE_GRANULARITY.get(device_type, DEVICE_GRANULARITY["cpu"])
+    if device_type != "cuda":
+        qb, kb = budget_granularity(topk, qb, kb)
     if isinstance(queries, int) and queries <= DECODE_QUERIES:
         qb, kb = 1, 0  # a tile of so few queries only pads their score rows to its size
     return (qb if query_block is None else query_block, kb if key_block is None else key_block)

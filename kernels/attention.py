@@ -87,10 +87,10 @@ def mask_to_bias_and_visibility(
 
 
 def granularity(device: torch.device, query_block: int | None, key_block: int | None,
-                queries: int | None = None) -> tuple[int, int]:
-    """``(query_block, key_block)`` with ``None`` replaced by the device's default
-    (:data:`dsa_compile.config.DEVICE_GRANULARITY`)."""
-    return device_granularity(device.type, query_block, key_block, queries)
+                topk: int, queries: int | None = None) -> tuple[int, int]:
+    """``(query_block, key_block)`` with ``None`` replaced by the device's default for a budget
+    of ``topk`` keys (:func:`dsa_compile.config.device_granularity`)."""
+    return device_granularity(device.type, query_block, key_block, topk, queries)
 
 
 def sdpa_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -267,7 +267,7 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
     indexer reads when they differ from those attention reads)."""
     batch, heads, lq = q.shape[:3]
     lk = k.shape[2]
-    query_block, key_block = granularity(q.device, blocks[0], blocks[1], lq)
+    query_block, key_block = granularity(q.device, blocks[0], blocks[1], topk, lq)
     q_idx, k_idx, weights = indexer_inputs(q if indexer_q is None else indexer_q, k, *indexer,
                                            per_kv_head, cached_keys)
     keys_only = _keys_only_mask(attn_mask)

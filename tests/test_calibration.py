@@ -170,17 +170,33 @@ def test_dsa_convert_writes_adapter_and_report(tmp_path, capsys):
                 "--topk", "16", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "| recall, exact per-query top-k |" in printed
+    # the granularity it ran at, resolved: top-16 on CPU -> 4-query tiles, 4-key blocks
+    assert "query_block=4, key_block=4 on cpu (the device's default for this budget)" in printed
     for name in ("dsa_config.json", "dsa_indexer.safetensors", "report.md", "report.png",
                  "report.json"):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
-    assert report["after"]["cosine_via_adapter"] == pytest.approx(report["after"]["cosine"],
-                                                                  abs=1e-5)
+    saved = "after" if report["saved"] == "calibrated" else "before"
+    assert report["cosine_via_adapter"] == pytest.approx(report[saved]["cosine"], abs=1e-5)
+    assert report[saved]["cosine"] == max(report["before"]["cosine"], report["after"]["cosine"])
     assert set(report["before"]["budget"]) == {"16", "32", "64", "128", "256"}
     assert 0 < report["before"]["cosine"] <= report["before"]["cosine_double_topk"] + 0.05 <= 1.05
     assert len(report["after"]["default"]["per_layer"]) == 6
     fresh, _ = dsa_compile.demo.load_minilm("sdpa")
     assert len(dsa_compile.load_adapter(fresh, out)) == 6
+
+
+def test_dsa_convert_never_saves_indexers_worse_than_training_free(tmp_path, capsys):
+    """A calibration that lowers the held-out cosine (here: an absurd learning rate) leaves the
+    training-free indexers in the adapter, and the report says so."""
+    out = tmp_path / "adapter"
+    assert dsa(["convert", "minilm", "--out", str(out), "--steps", "3", "--length", "128",
+                "--topk", "16", "--lr", "5", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["after"]["cosine"] < report["before"]["cosine"] - 0.01
+    assert report["saved"] == "training-free"
+    assert report["cosine_via_adapter"] == pytest.approx(report["before"]["cosine"], abs=1e-5)
+    assert "keeps what it was calibrated from" in (out / "report.md").read_text()
 
 
 def test_dsa_convert_errors(tmp_path, capsys):

@@ -119,13 +119,20 @@ def test_options_reach_the_rewrite():
 def test_selection_granularity_defaults_per_device():
     from dsa_compile.kernels.attention import granularity
 
-    assert granularity(torch.device("cpu"), None, None) == (128, 64)
-    assert granularity(torch.device("cuda"), None, None) == (64, 0)  # Triton scores every key
-    assert granularity(torch.device("cuda"), 1, 16) == (1, 16)  # explicit options win
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert granularity(cpu, None, None, 2048) == (128, 64)
+    assert granularity(cuda, None, None, 2048) == (64, 0)  # Triton scores every key
+    assert granularity(cuda, None, None, 64) == (64, 0)
+    assert granularity(cuda, 1, 16, 2048) == (1, 16)  # explicit options win
+    # small budgets on CPU: tiles of topk / 4 queries, topk / 8-key blocks (powers of two)
+    assert [granularity(cpu, None, None, k) for k in (512, 256, 128, 100, 64, 16, 1)] == \
+        [(128, 64), (64, 32), (32, 16), (16, 8), (16, 8), (4, 4), (1, 4)]
+    assert granularity(cpu, 64, None, 64) == (64, 8) and granularity(cpu, None, 0, 64) == (16, 0)
     # decode steps (few queries) score every cached indexer key unless told otherwise
-    assert granularity(torch.device("cpu"), None, None, queries=1) == (1, 0)
-    assert granularity(torch.device("cpu"), None, None, queries=9) == (128, 64)
-    assert granularity(torch.device("cpu"), 16, 32, queries=1) == (16, 32)
+    assert granularity(cpu, None, None, 2048, queries=1) == (1, 0)
+    assert granularity(cpu, None, None, 2048, queries=9) == (128, 64)
+    assert granularity(cpu, 16, 32, 2048, queries=1) == (16, 32)
+    assert DSAConfig(topk=64).granularity("cpu") == (16, 8)
     assert DSAConfig().query_block is None and DSAConfig().key_block is None
     with pytest.raises(DSAConfigError, match="query_block"):
         DSAConfig(query_block=0)

@@ -1,0 +1,155 @@
+"""Selection granularity on CPU: quality against speed, at small budgets.
+
+For each budget (top-64, top-128) and each ``(query_block, key_block)`` it measures, in one run:
+
+- quality: MiniLM's pooled-embedding cosine, sparse vs dense, on the held-out pydoc windows
+  that ``dsa convert`` reports on (4 x 512 tokens, training-free indexers, every site sparse);
+- speed: one causal attention layer of MiniLM's head shape (12 heads x 32) at ``--length``
+  tokens through ``dsa_attention`` (indexer + top-k + sparse attention), against SDPA.
+
+Rows: the old fixed CPU default (128, 64), the budget-scaled default
+(:func:`dsa_compile.config.budget_granularity`), a few neighbours, and exact per-query top-k.
+Writes ``<out>.md``, ``<out>.json`` and ``<out>.png`` (cosine against speed-up).
+
+    python benchmarks/granularity.py --out benchmarks/results/granularity
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dsa_compile.backend import make_backend
+from dsa_compile.bench import best_time
+from dsa_compile.config import DSAConfig
+from dsa_compile.convert import _hidden, _mean_cosine, held_out_windows
+from dsa_compile.demo import load_minilm
+from dsa_compile.dynamo_compat import compile_isolated
+from dsa_compile.kernels.attention import dsa_attention
+from dsa_compile.ownership import attach
+from dsa_compile.passes.indexer_init import initial_indexer
+
+BUDGETS = (64, 128)
+# (query_block, key_block); None = the CPU default for the budget
+GRANULARITIES = ((128, 64), None, (32, 8), (16, 16), (16, 0), (1, 0))
+HEADS, DIM = 12, 32  # MiniLM's attention
+
+
+def cosines(budgets=BUDGETS, granularities=GRANULARITIES) -> dict[tuple, float]:
+    model, tokenizer = load_minilm("sdpa")
+    windows = held_out_windows(tokenizer, 512, 4)
+    with torch.no_grad():
+        dense = [_hidden(model, ids) for ids in windows]
+    attach(model, windows[0], config=DSAConfig(min_seq_len=0))
+    result = {}
+    for topk in budgets:
+        for blocks in granularities:
+            qb, kb = DSAConfig(topk=topk).granularity("cpu") if blocks is None else blocks
+            config = DSAConfig(topk=topk, min_seq_len=0, mode="eager", query_block=qb,
+                               key_block=kb)
+            sparse = compile_isolated(model, backend=make_backend(config, root=model),
+                                      dynamic=False)
+            result[topk, blocks] = _mean_cosine(sparse, windows, dense)
+    return result
+
+
+def layer_seconds(length: int, budgets=BUDGETS, granularities=GRANULARITIES,
+                  repeats: int = 2) -> tuple[float, dict[tuple, float]]:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, length, DIM, generator=gen) for _ in range(3))
+    init = initial_indexer(HEADS, HEADS, DIM, 4, 32, None, None)
+    with torch.no_grad():
+        sdpa = best_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats)
+        times = {}
+        for topk in budgets:
+            for blocks in granularities:
+                qb, kb = (None, None) if blocks is None else blocks
+
+                def run(topk=topk, qb=qb, kb=kb) -> torch.Tensor:
+                    return dsa_attention(q, k, v, None, init.q_proj, init.k_proj,
+                                         init.head_weights, is_causal=True, scale=None,
+                                         enable_gqa=False, topk=topk, dense_up_to=0,
+                                         query_block=qb, key_block=kb, candidate_blocks=0)
+
+                run()
+                times[topk, blocks] = best_time(run, repeats)
+    return sdpa, times
+
+
+def _label(topk: int, blocks) -> str:
+    qb, kb = DSAConfig(topk=topk).granularity("cpu") if blocks is None else blocks
+    return f"({qb}, {kb})" + (" default" if blocks is None else "")
+
+
+def render(result: dict) -> str:
+    lines = [f"{result['date']}, {result['machine']}, torch {result['torch']}, "
+             f"{result['threads']} threads. Command: `python benchmarks/granularity.py "
+             f"--length {result['length']}`.", "",
+             "Pooled-embedding cosine (MiniLM, 4 held-out windows of 512 tokens, training-free "
+             f"indexers) and one causal layer of MiniLM's head shape at {result['length']} "
+             f"tokens (SDPA: {result['sdpa_s']:.3f} s):", "",
+             "| top-k | (query_block, key_block) | cosine | layer seconds | vs SDPA |",
+             "|---|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['topk']} | {row['granularity']} | {row['cosine']:.4f} | "
+                     f"{row['seconds']:.3f} | {result['sdpa_s'] / row['seconds']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for topk, marker in zip(BUDGETS, "os", strict=False):
+        rows = [r for r in result["rows"] if r["topk"] == topk]
+        xs = [result["sdpa_s"] / r["seconds"] for r in rows]
+        ax.scatter(xs, [r["cosine"] for r in rows], marker=marker, label=f"top-{topk}")
+        for x, r in zip(xs, rows, strict=True):
+            ax.annotate(r["granularity"], (x, r["cosine"]), fontsize=7,
+                        xytext=(4, 2), textcoords="offset points")
+    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"speed-up over SDPA, one causal layer at {result['length']} tokens (CPU)")
+    ax.set_ylabel("pooled-embedding cosine vs dense (MiniLM)")
+    ax.set_title("Selection granularity: quality against speed")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=16384)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.md, OUT.json, OUT.png")
+    args = parser.parse_args(argv)
+    quality = cosines()
+    sdpa, times = layer_seconds(args.length, repeats=args.repeats)
+    result = {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "length": args.length, "sdpa_s": sdpa,
+              "rows": [{"topk": topk, "granularity": _label(topk, blocks),
+                        "cosine": quality[topk, blocks], "seconds": times[topk, blocks]}
+                       for topk, blocks in quality]}
+    table = render(result)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text("# Selection granularity on CPU\n\n" + table)
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        plot(result, args.out.with_suffix(".png"))
+    return result
+
+
+if __name__ == "__main__":
+    main()
