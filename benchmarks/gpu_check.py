@@ -34,6 +34,8 @@ import triton
 from dsa_compile.kernels import triton_indexer as tix
 from dsa_compile.kernels import triton_sparse_attention as tsa
 from dsa_compile.kernels.reference import indexer_scores_reference, sparse_attention_reference
+from dsa_compile.kernels.topk import topk_lowest_ties
+from dsa_compile.kernels.triton_topk import radix_topk
 
 RESULTS: dict = {"checks": [], "bench": [], "errors": []}
 LLAMA = dict(heads=32, kv_heads=8, dim=128, index_heads=8, index_dim=64, topk=2048)
@@ -312,6 +314,11 @@ def bench_mla(dev, lq: int = 4096, lk: int = 32768) -> None:
             log(f"   variant {tuning} failed: {err!r}"[:300])
     ms = bench(lambda: tsa.unique_rows(idx), dev)
     record("unique_rows of the MLA indices", ms)
+    for unique in (False, True):  # the op as the rewritten graph calls it: indexer rows skip it
+        ms = bench(lambda u=unique: torch.ops.dsa.sparse_attention(q, kv, v, idx, d ** -0.5, None,
+                                                                   False, 0, 1, u), dev)
+        record(f"MLA dsa::sparse_attention op, unique_indices={unique}", ms,
+               tflops=flops / ms / 1e9)
 
 
 def sdpa_flash(q, k, v, causal: bool):
@@ -381,6 +388,20 @@ def _bench_layer_at(dev, length: int, query_blocks) -> None:
     record("  same, tile max over 64 queries in the kernel", ms, tflops=flops / ms / 1e9)
     ms = bench(lambda: buf.topk(s["topk"], dim=-1), dev)
     record(f"  torch.topk of {chunk} rows x {length}", ms)
+    ms = bench(lambda: topk_lowest_ties(buf, s["topk"]), dev)
+    record(f"  topk_lowest_ties (torch.topk + tie rule) of {chunk} rows x {length}", ms)
+    radix_ms = bench(lambda: radix_topk(buf, s["topk"]), dev)
+    record(f"  radix_topk (kernels/triton_topk.py) of {chunk} rows x {length}", radix_ms,
+           speedup_vs_tie_rule=ms / radix_ms)
+    selectors = {}
+    for selector in ("torch", "radix"):  # exact per-query selection, whole sequence
+        tix.SELECTOR = selector
+        selectors[selector] = tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, 0, None, 1)
+        ms = bench(lambda: tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, 0, None, 1), dev, rep)
+        record(f"  indexer + top-k, per query, L={length}, selector={selector}", ms)
+    tix.SELECTOR = "torch"
+    same = torch.equal(selectors["torch"].sort(-1).values, selectors["radix"].sort(-1).values)
+    check(f"radix selector = torch selector (key sets), L={length}", 0.0 if same else 1.0, 0.5)
 
 
 @section("decode step at long context")

@@ -109,7 +109,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for topk, marker in zip(BUDGETS, "os", strict=False):
+    for topk, marker in zip(result["budgets"], "osd^", strict=False):
         rows = [r for r in result["rows"] if r["topk"] == topk]
         xs = [result["sdpa_s"] / r["seconds"] for r in rows]
         ax.scatter(xs, [r["cosine"] for r in rows], marker=marker, label=f"top-{topk}")
@@ -131,13 +131,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
     parser.add_argument("--out", type=Path, default=None, help="write OUT.md, OUT.json, OUT.png")
     args = parser.parse_args(argv)
-    quality = cosines()
-    sdpa, times = layer_seconds(args.length, repeats=args.repeats)
+    quality = cosines(args.budgets)
+    sdpa, times = layer_seconds(args.length, args.budgets, repeats=args.repeats)
     result = {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "length": args.length, "sdpa_s": sdpa,
+              "length": args.length, "sdpa_s": sdpa, "budgets": args.budgets,
               "rows": [{"topk": topk, "granularity": _label(topk, blocks),
                         "cosine": quality[topk, blocks], "seconds": times[topk, blocks]}
                        for topk, blocks in quality]}

@@ -293,7 +293,8 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
         _capture.append(indices)
         if dense is not None:  # measuring only: the site computes what it would without the probe
             return dense()
-    out, _ = sparse_attention(q, k, v, indices, scale, bias, is_causal, 0, query_block)
+    out, _ = sparse_attention(q, k, v, indices, scale, bias, is_causal, 0, query_block,
+                              unique_indices=True)  # top-k rows never repeat a key
     return out.reshape(batch, heads, lq, out.shape[-1]) if per_kv_head else out
 
 

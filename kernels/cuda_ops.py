@@ -28,21 +28,27 @@ def _scale(q: torch.Tensor, scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if scale is None else scale
 
 
+def _as_sets(indices: torch.Tensor, unique_indices: bool) -> torch.Tensor:
+    """Rows the kernels can take: they count a repeated key twice, so rows not known to be
+    duplicate-free (``unique_indices``: the indexer's own top-k) are de-duplicated (a sort)."""
+    return indices if unique_indices else tsa.unique_rows(indices)
+
+
 def _sparse_attention(q, k, v, indices, scale=None, bias=None, causal=False, q_offset=0,
-                      query_block=1, launch=None):
+                      query_block=1, unique_indices=False, launch=None):
     # Eager calls check the index range (one host sync); traced calls rely on the kernel, which
     # treats an out-of-range index as an empty slot (memory-safe).
     checks.check_sparse_attention_args(q, k, v, indices, bias, q_offset, query_block,
                                        check_index_range=launch is None)
-    return tsa.sparse_attention_fwd(q, k, v, tsa.unique_rows(indices), _scale(q, scale), bias,
-                                    causal, q_offset, query_block, launch=launch)
+    return tsa.sparse_attention_fwd(q, k, v, _as_sets(indices, unique_indices), _scale(q, scale),
+                                    bias, causal, q_offset, query_block, launch=launch)
 
 
 def _sparse_attention_backward(grad_out, grad_lse, q, k, v, indices, out, lse, scale, bias, causal,
-                               q_offset, query_block, launch=None):
+                               q_offset, query_block, unique_indices=False, launch=None):
     dq, dk, dv, dbias = tsa.sparse_attention_bwd(
-        grad_out, grad_lse, q, k, v, tsa.unique_rows(indices), out, lse, _scale(q, scale), bias,
-        causal, q_offset, query_block, launch=launch,
+        grad_out, grad_lse, q, k, v, _as_sets(indices, unique_indices), out, lse,
+        _scale(q, scale), bias, causal, q_offset, query_block, launch=launch,
     )
     return dq, dk, dv, dbias if dbias is not None else q.new_empty(0)
 

@@ -155,13 +155,16 @@ def sparse_attention(
     causal: bool = False,
     q_offset: int = 0,
     query_block: int = 1,
+    unique_indices: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Attention over the selected keys: ``(out [B, H, Lq, Dv], lse fp32 [B, H, Lq])``.
 
     ``scale`` defaults to ``D ** -0.5``. A row of ``indices`` is a set of key positions (-1 =
     empty slot) shared by all heads; head h reads kv head ``h // (H // Hkv)``. ``bias`` is added
     to ``scale * q . k`` at the selected positions. A query with no selected (visible) key
-    gets zeros and ``lse = -inf``.
+    gets zeros and ``lse = -inf``. ``unique_indices``: the caller guarantees that no row lists a
+    key twice (``indexer_topk``'s rows), so the CUDA path skips de-duplicating them (a sort per
+    call); a row with a repeat then counts that key twice. The CPU path needs no such promise.
     """
     checks.check_sparse_attention_args(q, k, v, indices, bias, q_offset, query_block)
     return sparse.sparse_attention_forward(
@@ -171,7 +174,7 @@ def sparse_attention(
 
 @sparse_attention.register_fake
 def _sparse_attention_fake(q, k, v, indices, scale=None, bias=None, causal=False, q_offset=0,
-                           query_block=1):
+                           query_block=1, unique_indices=False):
     checks.check_sparse_attention_args(
         q, k, v, indices, bias, q_offset, query_block, check_index_range=False
     )
@@ -195,6 +198,7 @@ def sparse_attention_backward(
     causal: bool,
     q_offset: int,
     query_block: int,
+    unique_indices: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dbias)``; ``dbias`` is an empty tensor when there is no bias."""
     dq, dk, dv, dbias = sparse.sparse_attention_backward(
@@ -206,16 +210,17 @@ def sparse_attention_backward(
 
 @sparse_attention_backward.register_fake
 def _sparse_attention_backward_fake(grad_out, grad_lse, q, k, v, indices, out, lse, scale, bias,
-                                    causal, q_offset, query_block):
+                                    causal, q_offset, query_block, unique_indices=False):
     dbias = torch.empty_like(bias) if bias is not None else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
 def _sparse_attention_setup(ctx, inputs, output):
-    q, k, v, indices, scale, bias, causal, q_offset, query_block = inputs
+    q, k, v, indices, scale, bias, causal, q_offset, query_block, unique_indices = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, indices, out, lse, bias)
     ctx.scale, ctx.causal, ctx.q_offset, ctx.query_block = scale, causal, q_offset, query_block
+    ctx.unique_indices = unique_indices
 
 
 def _sparse_attention_grad(ctx, grad_out, grad_lse):
@@ -224,9 +229,9 @@ def _sparse_attention_grad(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     dq, dk, dv, dbias = sparse_attention_backward(
         grad_out, grad_lse, q, k, v, indices, out, lse, ctx.scale, bias, ctx.causal,
-        ctx.q_offset, ctx.query_block,
+        ctx.q_offset, ctx.query_block, ctx.unique_indices,
     )
-    return dq, dk, dv, None, None, dbias if bias is not None else None, None, None, None
+    return dq, dk, dv, None, None, dbias if bias is not None else None, None, None, None, None
 
 
 sparse_attention.register_autograd(_sparse_attention_grad, setup_context=_sparse_attention_setup)

@@ -17,6 +17,7 @@ from triton.compiler import ASTSource
 
 from . import triton_indexer as tix
 from . import triton_sparse_attention as tsa
+from . import triton_topk as ttk
 
 HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SHARED_BYTES = 232448  # per block, opt-in maximum of sm_90 (227 KiB)
@@ -83,6 +84,31 @@ def sparse_attention_forward(dtype: torch.dtype, heads: int, kv_heads: int, dim:
                           {"qk_scale": "fp32"}, target)
 
 
+def sparse_attention_backward(dtype: torch.dtype, heads: int, kv_heads: int, dim: int,
+                              dim_v: int, query_block: int = 1, causal: bool = True,
+                              target: GPUTarget = HOPPER) -> CompiledKernel:
+    """The backward sparse-attention kernel as :func:`.triton_sparse_attention.
+    sparse_attention_bwd` launches it (no bias, no lse gradient: what training a model
+    through the rewritten graph runs)."""
+    _, meta = tsa.backward_config(heads // kv_heads, query_block, dim, dim_v, causal, False,
+                                  False)
+    t = "*" + _TRITON_TYPES[dtype]
+    pointers = dict(Q=t, K=t, V=t, IDX="*i32", BIAS=t, DO=t, LSE="*fp32", DELTA="*fp32",
+                    GLSE="*fp32", DQ="*fp32", DK="*fp32", DV="*fp32", DBIAS="*fp32")
+    unit = dict(sq_d=1, sk_d=1, sv_d=1, si_k=1, sdo_d=1, sdq_d=1, sdk_d=1, sdv_d=1)
+    return compile_kernel(tsa._sparse_attention_bwd, pointers, {**meta, **unit},
+                          {"scale": "fp32"}, target)
+
+
+def radix_topk(target: GPUTarget = HOPPER) -> CompiledKernel:
+    """The radix top-k selector (:mod:`.triton_topk`) as :func:`.triton_topk.radix_topk`
+    launches it."""
+    pointers = dict(scores="*fp32", out_values="*fp32", out_index="*i64")
+    return compile_kernel(ttk.radix_topk_kernel, pointers,
+                          {"BLOCK": ttk.BLOCK, "BINS": ttk.BINS, "num_warps": ttk.NUM_WARPS},
+                          target=target)
+
+
 def indexer_scores(dtype: torch.dtype, index_heads: int, index_dim: int, query_block: int = 1,
                    causal: bool = True, target: GPUTarget = HOPPER) -> CompiledKernel:
     """The indexer-scores kernel as :func:`.triton_indexer.score_block` launches it for
@@ -108,8 +134,11 @@ def report() -> dict[str, dict]:
     for name, (heads, kv_heads, dim, dim_v, qb) in STANDARD_CONFIGS.items():
         kernel = sparse_attention_forward(torch.bfloat16, heads, kv_heads, dim, dim_v, qb)
         out[f"sparse_attention/{name}"] = kernel
+        out[f"sparse_attention_backward/{name}"] = sparse_attention_backward(
+            torch.bfloat16, heads, kv_heads, dim, dim_v, qb)
     for qb in (1, 64):
         out[f"indexer_scores/qb{qb}"] = indexer_scores(torch.bfloat16, 8, 64, qb)
+    out["radix_topk"] = radix_topk()
     return {name: {"shared": k.shared, "fits": k.shared <= HOPPER_SHARED_BYTES,
                    "num_warps": k.num_warps, "wgmma": k.uses_wgmma} for name, k in out.items()}
 

@@ -23,6 +23,12 @@ import triton
 import triton.language as tl
 
 from .topk import topk_lowest_ties
+from .triton_topk import radix_topk
+
+# How a chunk's score rows are ranked: "torch" (torch.topk of k + 1, then the tie rule) or
+# "radix" (:mod:`.triton_topk`: no sort of the rows, ties by the same rule). "torch" until the
+# radix selector is measured faster on a GPU (benchmarks/gpu_check.py times both).
+SELECTOR = "torch"
 
 CHUNK_BYTES = 1 << 30
 DECODE_QUERIES = 8  # at most this many queries: the decode kernel (heads as rows)
@@ -274,7 +280,8 @@ def indexer_topk_cuda(
         score_block(q_idx, k_idx, weights, scores, t0, t1 - t0, end, causal, q_offset, key_mask,
                     query_block, k_scale)
         found = min(topk, end)
-        values, picked = topk_lowest_ties(scores, found)
+        values, picked = (radix_topk(scores, found) if SELECTOR == "radix"
+                          else topk_lowest_ties(scores, found))
         picked = picked.masked_fill_(torch.isneginf(values), -1)
         out[:, r0:r1, :found] = picked.to(torch.int32)
     return out

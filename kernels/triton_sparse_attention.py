@@ -441,6 +441,17 @@ def sparse_attention_fwd(
     return out, lse
 
 
+def backward_config(group: int, query_block: int, dim: int, dim_v: int, causal: bool,
+                    has_bias: bool, has_grad_lse: bool) -> tuple[Tiling, dict]:
+    """The backward kernel's tiling and launch constants (what :func:`sparse_attention_bwd`
+    launches; the ahead-of-time check compiles the same)."""
+    tiling = Tiling(group, query_block, dim, dim_v, rows_target=32)
+    meta = dict(QUERY_BLOCK=query_block, QB=tiling.QB, GB=tiling.GB, D=dim, BD=tiling.BD,
+                DV_=dim_v, BDV=tiling.BDV, BK=tiling.BK, CAUSAL=causal, HAS_BIAS=has_bias,
+                HAS_GLSE=has_grad_lse, num_warps=4, num_stages=1)
+    return tiling, meta
+
+
 def sparse_attention_bwd(
     grad_out: torch.Tensor,
     grad_lse: torch.Tensor | None,
@@ -462,7 +473,8 @@ def sparse_attention_bwd(
     kv_heads, lk, dim_v = k.shape[1], k.shape[2], v.shape[3]
     group = heads // kv_heads
     rows, topk = indices.shape[1], indices.shape[2]
-    tiling = Tiling(group, query_block, dim, dim_v, rows_target=32)
+    tiling, meta = backward_config(group, query_block, dim, dim_v, causal, bias is not None,
+                                   grad_lse is not None)
     delta = (grad_out.float() * out.float()).sum(-1)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
@@ -479,10 +491,7 @@ def sparse_attention_bwd(
         *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *_strides4(bias),
         *grad_out.stride(), *lse.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
         *_strides4(dbias),
-        lq, lk, topk, group, q_offset, scale,
-        QUERY_BLOCK=query_block, QB=tiling.QB, GB=tiling.GB, D=dim, BD=tiling.BD, DV_=dim_v,
-        BDV=tiling.BDV, BK=tiling.BK, CAUSAL=causal, HAS_BIAS=bias is not None,
-        HAS_GLSE=glse is not None, num_warps=4, num_stages=1,
+        lq, lk, topk, group, q_offset, scale, **meta,
     )
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
             dbias.to(bias.dtype) if dbias is not None else None)

@@ -44,7 +44,7 @@ def _indexer_topk(q_idx, k_idx, weights, topk, causal=False, q_offset=0, key_mas
 
 
 def _sparse_attention(q, k, v, indices, scale=None, bias=None, causal=False, q_offset=0,
-                      query_block=1):
+                      query_block=1, unique_indices=False):
     if indices.dtype != INT32.dtype:  # a model's own indexer (DeepseekV32) gives int64
         indices = op.Cast(indices, to=INT32.dtype)
     if scale is None:

@@ -51,3 +51,21 @@ def test_decode_benchmark_writes_its_table(tmp_path):
     row = json.loads((tmp_path / "decode_static.json").read_text())[0]
     # layers x (tokens + 8 free slots of the static cache) x DI x fp32
     assert row["index_cache_mib"] * 2**20 == 8 * (300 + 8) * 32 * 4
+
+
+def test_granularity_benchmark_writes_its_table(tmp_path):
+    spec = importlib.util.spec_from_file_location("granularity", BENCH.parent / "granularity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "granularity"
+    result = module.main(["--budgets", "16", "--length", "256", "--repeats", "1", "--out",
+                          str(out)])
+    rows = {row["granularity"]: row for row in result["rows"]}
+    # top-16 on CPU: the budget's own default is 4-query tiles and 4-key blocks
+    assert set(rows) == {"(128, 64)", "(4, 4) default", "(32, 8)", "(16, 16)", "(16, 0)",
+                         "(1, 0)"}
+    assert all(0.0 < row["cosine"] <= 1.0 and row["seconds"] > 0 for row in rows.values())
+    # exact per-query top-16 keeps the embedding closer than one selection per 128 queries
+    assert rows["(1, 0)"]["cosine"] > rows["(128, 64)"]["cosine"]
+    assert "| 16 | (4, 4) default |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 10_000

@@ -169,6 +169,73 @@ def test_cuda_op_path_treats_index_rows_as_sets():
         cuda_ops._sparse_attention(q, k, v, idx + 30, None, None, True, 24, 1)
 
 
+def test_cuda_op_path_skips_the_dedupe_for_rows_known_unique(monkeypatch):
+    """unique_indices=True (the indexer's own top-k rows) skips unique_rows' sort in forward
+    and backward and gives the same result; without it, rows are still de-duplicated."""
+    q, k, v = _on_device(*make_attention_inputs(1, 4, 2, 6, 30, 16))
+    idx, = _on_device(random_indices(1, 6, 30, 10, pad_fraction=0.2))
+    grad = torch.randn_like(q)
+    ref_out, ref_lse = sparse_attention_reference(q, k, v, idx, 16 ** -0.5, None, True, 24, 1)
+    calls = []
+    real = tsa.unique_rows
+    monkeypatch.setattr(tsa, "unique_rows", lambda rows: calls.append(1) or real(rows))
+    for unique in (True, False):
+        calls.clear()
+        out, lse = cuda_ops._sparse_attention(q, k, v, idx, None, None, True, 24, 1, unique)
+        torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=1e-4)
+        torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=1e-4)
+        grads = cuda_ops._sparse_attention_backward(grad, None, q, k, v, idx, out, lse, None,
+                                                    None, True, 24, 1, unique)
+        assert len(calls) == (0 if unique else 2)
+        if unique:
+            first = grads
+    for a, b in zip(first[:3], grads[:3], strict=True):
+        torch.testing.assert_close(a, b, atol=GRAD_TOL, rtol=1e-4)
+
+
+def _radix_rows() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(11)
+    rows = torch.randn(6, 2100, generator=gen)
+    rows[0, :300] = 0.0  # ReLU zeros tied across the k-th place
+    rows[1, 7:2000] = float("-inf")  # fewer visible keys than k
+    rows[2] = rows[2].relu()
+    rows[3] = rows[3].relu() * -1.0  # -0.0 and +0.0 tie, as they compare
+    rows[4] = rows[4].round(decimals=1)  # many ties everywhere
+    rows[5, 1500:] = 1e30  # huge values at the end of the row
+    return rows
+
+
+@pytest.mark.parametrize("k", [1, 64, 600, 2048, 2100])
+def test_radix_topk_selects_what_the_tie_rule_selects(k):
+    """The radix selector picks the keys topk_lowest_ties picks (ties at the k-th place toward
+    lower indices; selected -inf entries are ones the caller drops), in descending order."""
+    from dsa_compile.kernels.topk import topk_lowest_ties
+    from dsa_compile.kernels.triton_topk import radix_topk
+
+    scores, = _on_device(_radix_rows())
+    buffer = torch.full((6, 2300), 7.0, device=scores.device)
+    buffer[:, :2100] = scores  # a strided slice, as the indexer's score buffer is
+    values, index = radix_topk(buffer[:, :2100], k)
+    ref_values, ref_index = topk_lowest_ties(scores, k)
+    torch.testing.assert_close(values, ref_values, atol=0, rtol=0)
+    assert index.dtype == torch.int64 and (values[:, :-1] >= values[:, 1:]).all()
+
+    def as_set(v, i):
+        return i.masked_fill(torch.isneginf(v), -1).sort(-1).values
+
+    assert torch.equal(as_set(values, index), as_set(ref_values, ref_index))
+    assert torch.equal(scores.gather(-1, index), values)
+
+
+def test_radix_topk_checks_its_input():
+    from dsa_compile.kernels.triton_topk import radix_topk
+
+    with pytest.raises(ValueError, match="k <= n"):
+        radix_topk(torch.zeros(2, 8), 9)
+    with pytest.raises(TypeError, match="fp32"):
+        radix_topk(torch.zeros(2, 8, dtype=torch.bfloat16), 2)
+
+
 INDEXER_CASES = {
     # name: B, Lq, Lk, HI, DI, causal, q_offset, mask kind
     "causal": (2, 13, 40, 4, 16, True, 27, None),
@@ -243,6 +310,20 @@ def test_topk_rows_are_sorted_by_descending_score(name, query_block):
         assert (got == -1).any()
 
 
+@pytest.mark.parametrize("name", list(INDEXER_CASES))
+@pytest.mark.parametrize("query_block", [1, 4])
+def test_radix_selector_selects_the_same_keys(name, query_block, monkeypatch):
+    """indexer_topk_cuda with the radix selector: the same key set per row as with torch.topk,
+    in descending order of score."""
+    q, k, w, causal, off, mask = _indexer_inputs(INDEXER_CASES[name])
+    want = tix.indexer_topk_cuda(q, k, w, 12, causal, off, mask, query_block)
+    monkeypatch.setattr(tix, "SELECTOR", "radix")
+    got = tix.indexer_topk_cuda(q, k, w, 12, causal, off, mask, query_block)
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    scores = row_scores(indexer_scores_reference(q, k, w, causal, off, mask).cpu(), query_block)
+    assert_rows_descending(got.cpu(), scores, 1e-4 if DEVICE == "cpu" else 1e-2)
+
+
 def test_topk_in_bounded_chunks_equals_one_chunk():
     q, k, w, causal, off, mask = _indexer_inputs(INDEXER_CASES["full mask"])
     whole = tix.indexer_topk_cuda(q, k, w, 10, causal, off, mask, 4)
@@ -272,13 +353,18 @@ def test_kernels_compile_for_hopper():
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
-    assert set(report) >= {"sparse_attention/llama8b_exact", "sparse_attention/llama8b_tile64",
-                           "sparse_attention/mla_mqa", "indexer_scores/qb1", "indexer_scores/qb64"}
+    configs = ("llama8b_exact", "llama8b_tile64", "mla_mqa")
+    assert set(report) == {*(f"sparse_attention{part}/{c}" for c in configs
+                             for part in ("", "_backward")),
+                           "indexer_scores/qb1", "indexer_scores/qb64", "radix_topk"}
+    # Per-query selection with 4 heads a kv head has 16 rows a program: too few for a warpgroup
+    # MMA (64 rows), so that forward config uses mma.sync; so does the MLA backward (its 512-wide
+    # dV accumulators in 32-key steps), and the top-k selector has no matrix product at all.
+    no_wgmma = {"sparse_attention/llama8b_exact", "sparse_attention_backward/mla_mqa",
+                "radix_topk"}
     for name, kernel in report.items():
         assert kernel["fits"], (name, kernel)
-        # Per-query selection with 4 heads a kv head has 16 rows a program: too few for a
-        # warpgroup MMA (64 rows), so that one config uses mma.sync.
-        assert kernel["wgmma"] is (name != "sparse_attention/llama8b_exact"), (name, kernel)
+        assert kernel["wgmma"] is (name not in no_wgmma), (name, kernel)
 
 
 @pytest.mark.parametrize("causal,query_block,bias_shape", [(True, 4, (2, 1, 10, 14)),

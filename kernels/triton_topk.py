@@ -1,0 +1,103 @@
+"""Radix top-k in Triton: the k best entries of each score row without sorting the row.
+
+One program per row. Scores are mapped to order-preserving 32-bit keys (a float's bits, the
+negative ones flipped); four passes over the row find the k-th best key one byte at a time
+(a 256-bin histogram of the candidates' next byte, then the byte where the count of better
+entries reaches k). A last pass writes every entry above that key and, in index order, the
+entries equal to it until k are taken: ties at the k-th place go to the lower indices, the rule
+of :func:`.topk.topk_lowest_ties` (the plain reference beside it). The k winners are then
+sorted by score (a sort of k, not of the row). Memory traffic: five reads of the row, against
+``torch.topk``'s sort-based passes; SGLang's and TileLang's radix selectors are the anchors.
+
+Rows are fp32 ``[R, n]`` with any row stride (a slice of the indexer's score buffer); ``-inf``
+entries (keys nobody sees) rank last, and the caller turns selected ``-inf`` into -1 as it does
+for ``torch.topk``. NaN is not expected (indexer scores are ReLU sums).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024  # entries of the row per step (a guess until measured on a GPU)
+BINS = 256  # one byte of the key per pass
+NUM_WARPS = 8
+
+
+@triton.jit
+def _ordered_key(x):
+    """fp32 -> int64 in [0, 2^32) with the order of the floats (-0.0 first made +0.0, so the
+    two zeros tie as they compare)."""
+    bits = (x + 0.0).to(tl.int32, bitcast=True).to(tl.int64)
+    return tl.where(bits < 0, -1 - bits, bits + 2147483648)
+
+
+@triton.jit
+def radix_topk_kernel(scores, out_values, out_index, n, k, stride_row, stride_out,
+                      BLOCK: tl.constexpr, BINS: tl.constexpr):
+    row = tl.program_id(0)
+    base = scores + row.to(tl.int64) * stride_row
+    offs = tl.arange(0, BLOCK)
+    bins = tl.arange(0, BINS)
+    prefix = tl.zeros((1,), dtype=tl.int64)  # the k-th best key, one byte more each pass
+    wanted = tl.zeros((1,), dtype=tl.int32) + k  # entries equal to the prefix still to take
+    for byte in tl.static_range(4):
+        shift = 24 - 8 * byte
+        counts = tl.zeros((BINS,), dtype=tl.int32)
+        for start in range(0, n, BLOCK):
+            inside = start + offs < n
+            key = _ordered_key(tl.load(base + start + offs, mask=inside, other=float("-inf")))
+            candidate = inside & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+            # others count in bin 0 and are taken out again (histogram has no mask)
+            digit = tl.where(candidate, (key >> shift) & 0xFF, 0).to(tl.int32)
+            others = tl.sum((~candidate).to(tl.int32))
+            counts += tl.histogram(digit, BINS) - tl.where(bins == 0, others, 0)
+        # at least d: candidates whose byte is >= d (non-increasing in d)
+        at_least = tl.sum(counts) - tl.cumsum(counts, axis=0) + counts
+        chosen = tl.max(tl.where(at_least >= wanted, bins, 0))
+        above = tl.sum(tl.where(bins > chosen, counts, 0))
+        wanted = wanted - above
+        prefix = prefix | (chosen.to(tl.int64) << shift)
+    # write: every key above the k-th, then the lowest-index keys equal to it (wanted of them)
+    taken = tl.zeros((1,), dtype=tl.int32)
+    ties = tl.zeros((1,), dtype=tl.int32)
+    for start in range(0, n, BLOCK):
+        inside = start + offs < n
+        value = tl.load(base + start + offs, mask=inside, other=float("-inf"))
+        key = _ordered_key(value)
+        equal = inside & (key == prefix)
+        tie_rank = ties + tl.cumsum(equal.to(tl.int32), axis=0) - equal.to(tl.int32)
+        keep = inside & ((key > prefix) | (equal & (tie_rank < wanted)))
+        slot = taken + tl.cumsum(keep.to(tl.int32), axis=0) - keep.to(tl.int32)
+        keep = keep & (slot < k)  # never past the row's k slots, whatever the passes found
+        tl.store(out_values + row.to(tl.int64) * stride_out + slot, value, mask=keep)
+        tl.store(out_index + row.to(tl.int64) * stride_out + slot, (start + offs).to(tl.int64),
+                 mask=keep)
+        taken += tl.sum(keep.to(tl.int32))
+        ties += tl.sum(equal.to(tl.int32))
+
+
+def radix_topk(scores: torch.Tensor, k: int, launch=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, indices int64)`` of the ``k`` best entries of each row of fp32
+    ``scores [..., n]`` (``k <= n``), descending, ties at the k-th place toward lower indices:
+    the selection of :func:`.topk.topk_lowest_ties`."""
+    if scores.dtype != torch.float32:
+        raise TypeError(f"radix_topk takes fp32 scores, got {scores.dtype}")
+    n = scores.shape[-1]
+    if not 0 <= k <= n:
+        raise ValueError(f"radix_topk needs 0 <= k <= n, got k={k}, n={n}")
+    lead = scores.shape[:-1]
+    rows = scores.reshape(-1, n)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    values = torch.empty((rows.shape[0], k), dtype=torch.float32, device=scores.device)
+    index = torch.empty((rows.shape[0], k), dtype=torch.int64, device=scores.device)
+    if k and rows.shape[0]:
+        grid = (rows.shape[0],)
+        kernel = radix_topk_kernel if launch is None else launch(radix_topk_kernel)
+        kernel[grid](rows, values, index, n, k, rows.stride(0), k, BLOCK=BLOCK, BINS=BINS,
+                     num_warps=NUM_WARPS)
+    order = values.sort(dim=-1, descending=True, stable=True).indices
+    return (values.gather(-1, order).reshape(*lead, k),
+            index.gather(-1, order).reshape(*lead, k))
