@@ -443,6 +443,16 @@ def bench_backward(dev, length: int = 32768) -> None:
     dense_ms = bench(lambda: torch.autograd.grad(dense_out, (qd, kd, vd), g, retain_graph=True), dev)
     record(f"sparse bwd L={length} query_block=64", ms, speedup_vs_sdpa_bwd=dense_ms / ms)
     record(f"SDPA flash bwd L={length}", dense_ms)
+    # more rows a program: a key's dK / dV summed over more rows before its atomic add
+    for tuning in ({"rows_target": 64}, {"rows_target": 128, "num_warps": 8},
+                   {"rows_target": 256, "num_warps": 8}):
+        try:
+            tuned = bench(lambda t=tuning: tsa.sparse_attention_bwd(
+                g, None, q, k, v, sel, out, lse, s["dim"] ** -0.5, None, True, 0, 64,
+                tuning=t), dev)
+            record(f"  sparse bwd {tuning}", tuned, speedup_vs_sdpa_bwd=dense_ms / tuned)
+        except Exception as err:  # noqa: BLE001  (a config that does not fit is a finding)
+            log(f"   backward variant {tuning} failed: {err!r}"[:300])
 
 
 @section("FlexAttention with the same block selection")

@@ -442,13 +442,18 @@ def sparse_attention_fwd(
 
 
 def backward_config(group: int, query_block: int, dim: int, dim_v: int, causal: bool,
-                    has_bias: bool, has_grad_lse: bool) -> tuple[Tiling, dict]:
+                    has_bias: bool, has_grad_lse: bool, tuning: dict | None = None
+                    ) -> tuple[Tiling, dict]:
     """The backward kernel's tiling and launch constants (what :func:`sparse_attention_bwd`
-    launches; the ahead-of-time check compiles the same)."""
-    tiling = Tiling(group, query_block, dim, dim_v, rows_target=32)
+    launches; the ahead-of-time check compiles the same). ``tuning``: ``rows_target`` (query x
+    head rows a program owns; more rows sum more of a key's dK / dV before its one atomic add
+    per program), ``block_k``, ``num_warps``."""
+    tuning = tuning or {}
+    tiling = Tiling(group, query_block, dim, dim_v, tuning.get("rows_target", 32),
+                    tuning.get("block_k"))
     meta = dict(QUERY_BLOCK=query_block, QB=tiling.QB, GB=tiling.GB, D=dim, BD=tiling.BD,
                 DV_=dim_v, BDV=tiling.BDV, BK=tiling.BK, CAUSAL=causal, HAS_BIAS=has_bias,
-                HAS_GLSE=has_grad_lse, num_warps=4, num_stages=1)
+                HAS_GLSE=has_grad_lse, num_warps=tuning.get("num_warps", 4), num_stages=1)
     return tiling, meta
 
 
@@ -467,14 +472,16 @@ def sparse_attention_bwd(
     q_offset: int,
     query_block: int,
     launch=None,
+    tuning: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(dq, dk, dv, dbias)`` of :func:`sparse_attention_fwd` (dbias None without bias)."""
+    """``(dq, dk, dv, dbias)`` of :func:`sparse_attention_fwd` (dbias None without bias);
+    ``tuning``: see :func:`backward_config` (benchmarks)."""
     batch, heads, lq, dim = q.shape
     kv_heads, lk, dim_v = k.shape[1], k.shape[2], v.shape[3]
     group = heads // kv_heads
     rows, topk = indices.shape[1], indices.shape[2]
     tiling, meta = backward_config(group, query_block, dim, dim_v, causal, bias is not None,
-                                   grad_lse is not None)
+                                   grad_lse is not None, tuning)
     delta = (grad_out.float() * out.float()).sum(-1)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)

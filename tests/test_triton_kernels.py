@@ -44,6 +44,8 @@ SPARSE_CASES = {
     "mha causal": (1, 2, 2, 7, 37, 16, 16, 20, True, 30, 1, None, None),
     "gqa4 bias": (2, 8, 2, 9, 50, 24, 40, 33, False, 0, 1, (2, 1, 9, 50), None),
     "gqa8 tile4": (1, 8, 1, 10, 45, 16, 16, 16, True, 35, 4, None, None),
+    # a tile of 16 queries x 4 heads: 64 rows, two programs at the default 32 rows a program
+    "gqa4 tile16": (1, 8, 2, 20, 60, 16, 16, 24, True, 40, 16, None, None),
     "gqa128 mqa (MLA-like)": (1, 128, 1, 2, 30, 32, 16, 12, True, 28, 1, None, None),
     "d80 tile3 head-bias": (1, 4, 2, 6, 40, 80, 24, 10, False, 0, 3, (1, 4, 1, 40), None),
     "tiny head dim": (1, 4, 2, 6, 40, 8, 8, 10, True, 34, 1, None, None),
@@ -91,9 +93,13 @@ def test_sparse_attention_forward_matches_reference(name, monkeypatch):
     torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["mha causal", "gqa4 bias", "gqa8 tile4", "d80 tile3 head-bias",
-                                  "long rows", "long rows tile2 bias"])
-def test_sparse_attention_backward_matches_reference_autograd(name):
+@pytest.mark.parametrize("name,tuning", [
+    ("mha causal", None), ("gqa4 bias", None), ("gqa8 tile4", None),
+    ("d80 tile3 head-bias", None), ("long rows", None), ("long rows tile2 bias", None),
+    # more rows a program (the gpu_check sweep): several sub-tiles and head blocks merge
+    ("gqa4 tile16", None), ("gqa4 tile16", {"rows_target": 64}),
+    ("gqa4 tile16", {"rows_target": 128, "num_warps": 8})])
+def test_sparse_attention_backward_matches_reference_autograd(name, tuning):
     q, k, v, idx, bias, scale, causal, off, qb, _ = _inputs(SPARSE_CASES[name], seed=1)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     bias_leaf = bias.clone().requires_grad_() if bias is not None else None
@@ -101,7 +107,8 @@ def test_sparse_attention_backward_matches_reference_autograd(name):
     g_out, g_lse = torch.randn_like(ref_out), torch.randn_like(ref_lse)
     ((ref_out * g_out).sum() + (ref_lse.masked_fill(torch.isinf(ref_lse), 0) * g_lse).sum()).backward()
     out, lse = tsa.sparse_attention_fwd(q, k, v, idx, scale, bias, causal, off, qb)
-    grads = tsa.sparse_attention_bwd(g_out, g_lse, q, k, v, idx, out, lse, scale, bias, causal, off, qb)
+    grads = tsa.sparse_attention_bwd(g_out, g_lse, q, k, v, idx, out, lse, scale, bias, causal, off, qb,
+                                     tuning=tuning)
     expected = [t.grad for t in leaves] + [bias_leaf.grad if bias_leaf is not None else None]
     for got, want in zip(grads, expected, strict=True):
         if want is None:
