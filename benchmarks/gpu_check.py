@@ -223,6 +223,17 @@ def check_indexer(dev, dtype, small: bool) -> None:
             gap = rel_err(picked.sort(-1, descending=True).values.masked_fill(~finite, 0),
                           best.masked_fill(~finite, 0))
             check(f"top-k (qb={qb}) {name}", gap if same_count else float("inf"), 1e-2)
+    # the radix selector against the tie rule on rows with ReLU-zero ties and invisible keys
+    rows = torch.randn(64, 5000, device=dev, generator=gen).relu()
+    rows[:8, 100:] = float("-inf")
+    for k in (1, 300, 2048):
+        values, index = radix_topk(rows, k)
+        want_values, want_index = topk_lowest_ties(rows, k)
+        same = torch.equal(values, want_values) and torch.equal(
+            index.masked_fill(torch.isneginf(values), -1).sort(-1).values,
+            want_index.masked_fill(torch.isneginf(want_values), -1).sort(-1).values)
+        check(f"radix_topk k={k} = topk_lowest_ties (values, key sets)", 0.0 if same else 1.0,
+              0.5)
     if dev.type == "cuda":  # FP8 keys and queries with per-token key scales (DeepGEMM's form)
         b, lq, hi, di = 1, 256, 8, 64
         q = torch.randn(b, lq, hi, di, device=dev, generator=gen)
