@@ -120,6 +120,8 @@ def indexer_scores(dtype: torch.dtype, index_heads: int, index_dim: int, query_b
                           {**meta, "sq_d": 1, "sk_d": 1, "so_s": 1}, target=target)
 
 
+MLA_ALL_HEADS = {"rows_target": 128, "num_warps": 8}
+
 STANDARD_CONFIGS = {
     # name: (heads, kv_heads, dim, dim_v, query_block)
     "llama8b_exact": (32, 8, 128, 128, 1),
@@ -136,6 +138,10 @@ def report() -> dict[str, dict]:
         out[f"sparse_attention/{name}"] = kernel
         out[f"sparse_attention_backward/{name}"] = sparse_attention_backward(
             torch.bfloat16, heads, kv_heads, dim, dim_v, qb)
+    # MLA with all 128 heads in one program (K / V rows gathered once a query, not twice):
+    # a candidate for the next GPU session (benchmarks/gpu_check.py --only mla times it)
+    out["sparse_attention/mla_mqa_128_rows"] = sparse_attention_forward(
+        torch.bfloat16, 128, 1, 576, 512, 1, tuning=MLA_ALL_HEADS)
     for qb in (1, 64):
         out[f"indexer_scores/qb{qb}"] = indexer_scores(torch.bfloat16, 8, 64, qb)
     out["radix_topk"] = radix_topk()

@@ -363,7 +363,8 @@ def test_kernels_compile_for_hopper():
     configs = ("llama8b_exact", "llama8b_tile64", "mla_mqa")
     assert set(report) == {*(f"sparse_attention{part}/{c}" for c in configs
                              for part in ("", "_backward")),
-                           "indexer_scores/qb1", "indexer_scores/qb64", "radix_topk"}
+                           "sparse_attention/mla_mqa_128_rows", "indexer_scores/qb1",
+                           "indexer_scores/qb64", "radix_topk"}
     # Per-query selection with 4 heads a kv head has 16 rows a program: too few for a warpgroup
     # MMA (64 rows), so that forward config uses mma.sync; so does the MLA backward (its 512-wide
     # dV accumulators in 32-key steps), and the top-k selector has no matrix product at all.
