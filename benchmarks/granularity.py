@@ -3,12 +3,15 @@
 For each budget (top-64, top-128) and each ``(query_block, key_block)`` it measures, in one run:
 
 - quality: MiniLM's pooled-embedding cosine, sparse vs dense, on the held-out pydoc windows
-  that ``dsa convert`` reports on (4 x 512 tokens, training-free indexers, every site sparse);
+  that ``dsa convert`` reports on (4 x 512 tokens, training-free indexers, every site sparse),
+  and attention-mass recall as a fraction of the best selection at the row's granularity;
 - speed: one causal attention layer of MiniLM's head shape (12 heads x 32) at ``--length``
   tokens through ``dsa_attention`` (indexer + top-k + sparse attention), against SDPA.
 
 Rows: the old fixed CPU default (128, 64), the budget-scaled default
-(:func:`dsa_compile.config.budget_granularity`), a few neighbours, and exact per-query top-k.
+(:func:`dsa_compile.config.budget_granularity`, at least 32 candidate blocks), the same with
+16 candidate blocks (``2 * topk / key_block``, the rule before the minimum), a few neighbours,
+and exact per-query top-k.
 Writes ``<out>.md``, ``<out>.json`` and ``<out>.png`` (cosine against speed-up).
 
     python benchmarks/granularity.py --out benchmarks/results/granularity
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 from dsa_compile.backend import make_backend
 from dsa_compile.bench import best_time
 from dsa_compile.config import DSAConfig
-from dsa_compile.convert import _hidden, _mean_cosine, held_out_windows
+from dsa_compile.convert import _hidden, _mean_cosine, _recall, held_out_windows
 from dsa_compile.demo import load_minilm
 from dsa_compile.dynamo_compat import compile_isolated
 from dsa_compile.kernels.attention import dsa_attention
@@ -36,12 +39,16 @@ from dsa_compile.ownership import attach
 from dsa_compile.passes.indexer_init import initial_indexer
 
 BUDGETS = (64, 128)
-# (query_block, key_block); None = the CPU default for the budget
-GRANULARITIES = ((128, 64), None, (32, 8), (16, 16), (16, 0), (1, 0))
+# selection options per row; {} = the CPU default for the budget
+GRANULARITIES = ({"query_block": 128, "key_block": 64}, {}, {"candidate_blocks": 16},
+                 {"query_block": 32, "key_block": 8}, {"query_block": 16, "key_block": 16},
+                 {"query_block": 16, "key_block": 0}, {"query_block": 1, "key_block": 0})
 HEADS, DIM = 12, 32  # MiniLM's attention
 
 
-def cosines(budgets=BUDGETS, granularities=GRANULARITIES) -> dict[tuple, float]:
+def quality(budgets=BUDGETS, granularities=GRANULARITIES) -> dict[tuple, tuple[float, float]]:
+    """Per (topk, row): (pooled-embedding cosine, attention-mass recall / best at the row's
+    granularity), means over the held-out windows."""
     model, tokenizer = load_minilm("sdpa")
     windows = held_out_windows(tokenizer, 512, 4)
     with torch.no_grad():
@@ -49,13 +56,13 @@ def cosines(budgets=BUDGETS, granularities=GRANULARITIES) -> dict[tuple, float]:
     attach(model, windows[0], config=DSAConfig(min_seq_len=0))
     result = {}
     for topk in budgets:
-        for blocks in granularities:
-            qb, kb = DSAConfig(topk=topk).granularity("cpu") if blocks is None else blocks
-            config = DSAConfig(topk=topk, min_seq_len=0, mode="eager", query_block=qb,
-                               key_block=kb)
+        for row, options in enumerate(granularities):
+            config = DSAConfig(topk=topk, min_seq_len=0, mode="eager", **options)
             sparse = compile_isolated(model, backend=make_backend(config, root=model),
                                       dynamic=False)
-            result[topk, blocks] = _mean_cosine(sparse, windows, dense)
+            recall = _recall(model, windows, config)
+            result[topk, row] = (_mean_cosine(sparse, windows, dense),
+                                 recall["recall"] / recall["best"])
     return result
 
 
@@ -68,23 +75,28 @@ def layer_seconds(length: int, budgets=BUDGETS, granularities=GRANULARITIES,
         sdpa = best_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats)
         times = {}
         for topk in budgets:
-            for blocks in granularities:
-                qb, kb = (None, None) if blocks is None else blocks
+            for row, options in enumerate(granularities):
 
-                def run(topk=topk, qb=qb, kb=kb) -> torch.Tensor:
+                def run(topk=topk, options=options) -> torch.Tensor:
                     return dsa_attention(q, k, v, None, init.q_proj, init.k_proj,
                                          init.head_weights, is_causal=True, scale=None,
                                          enable_gqa=False, topk=topk, dense_up_to=0,
-                                         query_block=qb, key_block=kb, candidate_blocks=0)
+                                         query_block=options.get("query_block"),
+                                         key_block=options.get("key_block"),
+                                         candidate_blocks=options.get("candidate_blocks", 0))
 
                 run()
-                times[topk, blocks] = best_time(run, repeats)
+                times[topk, row] = best_time(run, repeats)
     return sdpa, times
 
 
-def _label(topk: int, blocks) -> str:
-    qb, kb = DSAConfig(topk=topk).granularity("cpu") if blocks is None else blocks
-    return f"({qb}, {kb})" + (" default" if blocks is None else "")
+def _label(topk: int, options: dict) -> str:
+    config = DSAConfig(topk=topk, **options)
+    qb, kb = config.granularity("cpu")
+    defaults = not options
+    candidates = f", {options['candidate_blocks']} candidates" if "candidate_blocks" in options \
+        else ""
+    return f"({qb}, {kb}{candidates})" + (" default" if defaults else "")
 
 
 def render(result: dict) -> str:
@@ -94,11 +106,12 @@ def render(result: dict) -> str:
              "Pooled-embedding cosine (MiniLM, 4 held-out windows of 512 tokens, training-free "
              f"indexers) and one causal layer of MiniLM's head shape at {result['length']} "
              f"tokens (SDPA: {result['sdpa_s']:.3f} s):", "",
-             "| top-k | (query_block, key_block) | cosine | layer seconds | vs SDPA |",
-             "|---|---|---|---|---|"]
+             "| top-k | (query_block, key_block) | cosine | recall / best | layer seconds | "
+             "vs SDPA |", "|---|---|---|---|---|---|"]
     for row in result["rows"]:
         lines.append(f"| {row['topk']} | {row['granularity']} | {row['cosine']:.4f} | "
-                     f"{row['seconds']:.3f} | {result['sdpa_s'] / row['seconds']:.2f}x |")
+                     f"{row['recall_ratio']:.3f} | {row['seconds']:.3f} | "
+                     f"{result['sdpa_s'] / row['seconds']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -134,14 +147,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
     parser.add_argument("--out", type=Path, default=None, help="write OUT.md, OUT.json, OUT.png")
     args = parser.parse_args(argv)
-    quality = cosines(args.budgets)
+    measured = quality(args.budgets)
     sdpa, times = layer_seconds(args.length, args.budgets, repeats=args.repeats)
     result = {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "length": args.length, "sdpa_s": sdpa, "budgets": args.budgets,
-              "rows": [{"topk": topk, "granularity": _label(topk, blocks),
-                        "cosine": quality[topk, blocks], "seconds": times[topk, blocks]}
-                       for topk, blocks in quality]}
+              "rows": [{"topk": topk, "granularity": _label(topk, GRANULARITIES[row]),
+                        "cosine": measured[topk, row][0],
+                        "recall_ratio": measured[topk, row][1], "seconds": times[topk, row]}
+                       for topk, row in measured]}
     table = render(result)
     print(table)
     if args.out:

@@ -164,8 +164,8 @@ def _power_of_two_at_most(value: int) -> int:
 def budget_granularity(topk: int, query_block: int, key_block: int) -> tuple[int, int]:
     """The CPU default scaled to a budget of ``topk`` keys: tiles of at most ``topk / 4``
     queries (a tile shares one selection, which must hold every query's own recent keys with
-    room to spare) and two-stage key blocks of at most ``topk / 8`` keys (so 16 or more
-    candidate blocks from topk 32 up; never under 4 keys a block); powers of two, capped at
+    room to spare) and two-stage key blocks of at most ``topk / 8`` keys (never under 4 keys a
+    block; the ops score at least 32 candidate blocks); powers of two, capped at
     ``(query_block, key_block)``.
     On MiniLM at topk 64 this lifts pooled-embedding cosine 0.81 -> 0.90, at 1.7x SDPA's speed at
     16K tokens instead of 6.8x (benchmarks/results/granularity.md)."""

@@ -62,9 +62,10 @@ def test_granularity_benchmark_writes_its_table(tmp_path):
                           str(out)])
     rows = {row["granularity"]: row for row in result["rows"]}
     # top-16 on CPU: the budget's own default is 4-query tiles and 4-key blocks
-    assert set(rows) == {"(128, 64)", "(4, 4) default", "(32, 8)", "(16, 16)", "(16, 0)",
-                         "(1, 0)"}
-    assert all(0.0 < row["cosine"] <= 1.0 and row["seconds"] > 0 for row in rows.values())
+    assert set(rows) == {"(128, 64)", "(4, 4) default", "(4, 4, 16 candidates)",
+                         "(32, 8)", "(16, 16)", "(16, 0)", "(1, 0)"}
+    assert all(0.0 < row["cosine"] <= 1.0 and 0.0 < row["recall_ratio"] <= 1.0 + 1e-6
+               and row["seconds"] > 0 for row in rows.values())
     # exact per-query top-16 keeps the embedding closer than one selection per 128 queries
     assert rows["(1, 0)"]["cosine"] > rows["(128, 64)"]["cosine"]
     assert "| 16 | (4, 4) default |" in out.with_suffix(".md").read_text()

@@ -200,3 +200,18 @@ def test_two_stage_recovers_the_planted_best_keys():
     k_idx[0, planted] = 5 * target / target.norm()
     got = indexer_topk(q_idx, k_idx, w, 4, False, 0, None, 16, 16, 2)
     assert set(got[0, 0].tolist()) == set(planted.tolist())
+
+
+def test_two_stage_default_scores_at_least_32_candidate_blocks():
+    """candidate_blocks=0 means max(ceil(2 * topk / key_block), 32): small budgets get 32
+    candidates (their 2 * topk / key_block would prune away keys the best selection keeps),
+    large ones keep the budget's own count."""
+    from dsa_compile.kernels.indexer import MIN_CANDIDATE_BLOCKS
+
+    assert MIN_CANDIDATE_BLOCKS == 32
+    q_idx, k_idx, w = make_indexer_inputs(1, 24, 400)
+    small = indexer_topk(q_idx, k_idx, w, 8, True, 0, None, 4, 2, 0)  # 2 * 8 / 2 = 8 < 32
+    assert torch.equal(small, indexer_topk(q_idx, k_idx, w, 8, True, 0, None, 4, 2, 32))
+    assert not torch.equal(small, indexer_topk(q_idx, k_idx, w, 8, True, 0, None, 4, 2, 8))
+    large = indexer_topk(q_idx, k_idx, w, 40, True, 0, None, 4, 2, 0)  # 2 * 40 / 2 = 40 > 32
+    assert torch.equal(large, indexer_topk(q_idx, k_idx, w, 40, True, 0, None, 4, 2, 40))
