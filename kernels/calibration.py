@@ -236,4 +236,3 @@ def selection_recall(call: SiteCall, topk: int, query_block: int, key_block: int
             recall += float((target * chosen[:, rows]).sum())
             best += float(_tile_mass(target, query_block).topk(topk, dim=-1).values.sum())
     return recall / (batch * lq), best / (batch * lq)
-
