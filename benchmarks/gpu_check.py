@@ -35,6 +35,7 @@ from dsa_compile.kernels import triton_indexer as tix
 from dsa_compile.kernels import triton_sparse_attention as tsa
 from dsa_compile.kernels.reference import indexer_scores_reference, sparse_attention_reference
 from dsa_compile.kernels.topk import topk_lowest_ties
+from dsa_compile.kernels.triton_aot import MLA_ALL_HEADS
 from dsa_compile.kernels.triton_topk import radix_topk
 
 RESULTS: dict = {"checks": [], "bench": [], "errors": []}
@@ -317,7 +318,7 @@ def bench_mla(dev, lq: int = 4096, lk: int = 32768) -> None:
     # rows_target 128: all 128 heads in one program (K / V gathered once a query); these fit
     # sm_90's shared memory by the ahead-of-time check (180 KB; 64 x 64 keys: 140 KB)
     variants = [{}, {"block_k": 16}, {"block_k": 16, "preload_q": True}, {"num_warps": 16},
-                {"block_k": 16, "num_stages": 3}, {"rows_target": 128, "num_warps": 8},
+                {"block_k": 16, "num_stages": 3}, MLA_ALL_HEADS,
                 {"rows_target": 128, "block_k": 16, "num_warps": 8},
                 {"rows_target": 64, "block_k": 64, "num_warps": 8}]
     for tuning in variants:
