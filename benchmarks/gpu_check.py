@@ -410,12 +410,15 @@ def _bench_layer_at(dev, length: int, query_blocks) -> None:
     record(f"  radix_topk (kernels/triton_topk.py) of {chunk} rows x {length}", radix_ms,
            speedup_vs_tie_rule=ms / radix_ms)
     selectors = {}
-    for selector in ("torch", "radix"):  # exact per-query selection, whole sequence
-        tix.SELECTOR = selector
-        selectors[selector] = tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, 0, None, 1)
-        ms = bench(lambda: tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, 0, None, 1), dev, rep)
-        record(f"  indexer + top-k, per query, L={length}, selector={selector}", ms)
-    tix.SELECTOR = "torch"
+    try:
+        for selector in ("torch", "radix"):  # exact per-query selection, whole sequence
+            tix.SELECTOR = selector
+            selectors[selector] = tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, 0, None, 1)
+            ms = bench(lambda: tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, 0, None, 1), dev,
+                       rep)
+            record(f"  indexer + top-k, per query, L={length}, selector={selector}", ms)
+    finally:  # later sections run the default selector whatever happened here
+        tix.SELECTOR = "torch"
     same = torch.equal(selectors["torch"].sort(-1).values, selectors["radix"].sort(-1).values)
     check(f"radix selector = torch selector (key sets), L={length}", 0.0 if same else 1.0, 0.5)
 

@@ -26,7 +26,7 @@ from .topk import topk_lowest_ties
 from .triton_topk import radix_topk
 
 # How a chunk's score rows are ranked: "torch" (torch.topk of k + 1, then the tie rule) or
-# "radix" (:mod:`.triton_topk`: no sort of the rows, ties by the same rule). "torch" until the
+# "radix" (:mod:`.triton_topk`: one launch, ties by the same rule in the same pass). "torch" until the
 # radix selector is measured faster on a GPU (benchmarks/gpu_check.py times both).
 SELECTOR = "torch"
 

@@ -1,4 +1,4 @@
-"""Radix top-k in Triton: the k best entries of each score row without sorting the row.
+"""Radix top-k in Triton: the k best entries of each score row, by histograms of its bytes.
 
 One program per row. Scores are mapped to order-preserving 32-bit keys (a float's bits, the
 negative ones flipped); four passes over the row find the k-th best key one byte at a time
@@ -6,10 +6,14 @@ negative ones flipped); four passes over the row find the k-th best key one byte
 entries reaches k). A last pass writes every entry above that key and, in index order, the
 entries equal to it until k are taken: ties at the k-th place go to the lower indices, the rule
 of :func:`.topk.topk_lowest_ties` (the plain reference beside it). The k winners are then
-sorted by score (a sort of k, not of the row). Memory traffic: five reads of the row, against
-``torch.topk``'s sort-based passes; SGLang's and TileLang's radix selectors are the anchors.
+sorted by score (a sort of k, not of the row). ``torch.topk`` on CUDA is a radix select too;
+what this kernel may save is its generic multi-kernel path for k = 2048 and the separate tie
+pass (:func:`.topk.topk_lowest_ties` asks for k + 1 and redoes tied rows): five reads of the
+row, one launch. Whether that wins is for ``benchmarks/gpu_check.py`` to say; SGLang's and
+TileLang's radix selectors (several times ``torch.topk`` at k = 2048) are the anchors.
 
-Rows are fp32 ``[R, n]`` with any row stride (a slice of the indexer's score buffer); ``-inf``
+Rows are fp32 ``[B, R, n]`` with any batch and row strides (a slice of the indexer's score
+buffer, read in place) or any ``[..., n]``; ``-inf``
 entries (keys nobody sees) rank last, and the caller turns selected ``-inf`` into -1 as it does
 for ``torch.topk``. NaN is not expected (indexer scores are ReLU sums).
 """
@@ -34,10 +38,12 @@ def _ordered_key(x):
 
 
 @triton.jit
-def radix_topk_kernel(scores, out_values, out_index, n, k, stride_row, stride_out,
-                      BLOCK: tl.constexpr, BINS: tl.constexpr):
+def radix_topk_kernel(scores, out_values, out_index, n, k, rows_per_batch, stride_batch,
+                      stride_row, stride_out, BLOCK: tl.constexpr, BINS: tl.constexpr):
     row = tl.program_id(0)
-    base = scores + row.to(tl.int64) * stride_row
+    batch = row // rows_per_batch
+    base = scores + batch.to(tl.int64) * stride_batch \
+        + (row - batch * rows_per_batch).to(tl.int64) * stride_row
     offs = tl.arange(0, BLOCK)
     bins = tl.arange(0, BINS)
     prefix = tl.zeros((1,), dtype=tl.int64)  # the k-th best key, one byte more each pass
@@ -78,7 +84,7 @@ def radix_topk_kernel(scores, out_values, out_index, n, k, stride_row, stride_ou
         ties += tl.sum(equal.to(tl.int32))
 
 
-def radix_topk(scores: torch.Tensor, k: int, launch=None) -> tuple[torch.Tensor, torch.Tensor]:
+def radix_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, indices int64)`` of the ``k`` best entries of each row of fp32
     ``scores [..., n]`` (``k <= n``), descending, ties at the k-th place toward lower indices:
     the selection of :func:`.topk.topk_lowest_ties`."""
@@ -88,16 +94,17 @@ def radix_topk(scores: torch.Tensor, k: int, launch=None) -> tuple[torch.Tensor,
     if not 0 <= k <= n:
         raise ValueError(f"radix_topk needs 0 <= k <= n, got k={k}, n={n}")
     lead = scores.shape[:-1]
-    rows = scores.reshape(-1, n)
+    # [batch, rows, n] with any batch and row strides (the indexer's buffer, sliced): no copy
+    rows = scores if scores.dim() == 3 else scores.reshape(1, -1, n)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    values = torch.empty((rows.shape[0], k), dtype=torch.float32, device=scores.device)
-    index = torch.empty((rows.shape[0], k), dtype=torch.int64, device=scores.device)
-    if k and rows.shape[0]:
-        grid = (rows.shape[0],)
-        kernel = radix_topk_kernel if launch is None else launch(radix_topk_kernel)
-        kernel[grid](rows, values, index, n, k, rows.stride(0), k, BLOCK=BLOCK, BINS=BINS,
-                     num_warps=NUM_WARPS)
+    count = rows.shape[0] * rows.shape[1]
+    values = torch.empty((count, k), dtype=torch.float32, device=scores.device)
+    index = torch.empty((count, k), dtype=torch.int64, device=scores.device)
+    if k and count:
+        radix_topk_kernel[(count,)](rows, values, index, n, k, rows.shape[1], rows.stride(0),
+                                    rows.stride(1), k, BLOCK=BLOCK, BINS=BINS,
+                                    num_warps=NUM_WARPS)
     order = values.sort(dim=-1, descending=True, stable=True).indices
     return (values.gather(-1, order).reshape(*lead, k),
             index.gather(-1, order).reshape(*lead, k))

@@ -87,6 +87,10 @@ MUTATIONS: list[Mutation] = [
              "        tie_rank = ties + tl.cumsum(equal.to(tl.int32), axis=0) - equal.to(tl.int32)",
              "        tie_rank = ties + tl.sum(equal.to(tl.int32)) - tl.cumsum(equal.to(tl.int32), "
              "axis=0)", ("tests/test_triton_kernels.py", "-k", "radix")),
+    Mutation("radix top-k: the batch stride ignored", "kernels/triton_topk.py",
+             "    base = scores + batch.to(tl.int64) * stride_batch \\\n",
+             "    base = scores + 0 * stride_batch \\\n",
+             ("tests/test_triton_kernels.py", "-k", "radix")),
     Mutation("radix top-k: the k-th byte chosen one too low", "kernels/triton_topk.py",
              "        chosen = tl.max(tl.where(at_least >= wanted, bins, 0))",
              "        chosen = tl.maximum(tl.max(tl.where(at_least >= wanted, bins, 0)) - 1, 0)",

@@ -220,9 +220,10 @@ def test_radix_topk_selects_what_the_tie_rule_selects(k):
     from dsa_compile.kernels.triton_topk import radix_topk
 
     scores, = _on_device(_radix_rows())
-    buffer = torch.full((6, 2300), 7.0, device=scores.device)
-    buffer[:, :2100] = scores  # a strided slice, as the indexer's score buffer is
-    values, index = radix_topk(buffer[:, :2100], k)
+    buffer = torch.full((2, 4, 2300), 7.0, device=scores.device)
+    buffer[:, :3, :2100] = scores.view(2, 3, 2100)  # sliced like the indexer's score buffer
+    values, index = radix_topk(buffer[:, :3, :2100], k)
+    values, index = values.view(6, k), index.view(6, k)
     ref_values, ref_index = topk_lowest_ties(scores, k)
     torch.testing.assert_close(values, ref_values, atol=0, rtol=0)
     assert index.dtype == torch.int64 and (values[:, :-1] >= values[:, 1:]).all()
