@@ -8,7 +8,11 @@ the same kernels in other runtimes (TensorRT).
 
 from __future__ import annotations
 
+import re
+import subprocess
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -38,6 +42,32 @@ class CompiledKernel:
     def uses_wgmma(self) -> bool:
         """Hopper's warpgroup tensor-core instructions are in the code."""
         return "wgmma.mma_async" in self.ptx
+
+    def registers(self, arch: int = 90) -> tuple[int, int]:
+        """``(registers a thread, bytes spilled to local memory)`` as ``ptxas -v`` reports
+        them for this PTX (register pressure is what a larger tile risks; spills cost more
+        than the atomics they save)."""
+        return ptxas_usage(self.ptx, arch)
+
+
+def ptxas_usage(ptx: str, arch: int = 90) -> tuple[int, int]:
+    """``(registers, spill bytes)`` of a PTX kernel, from Triton's bundled ``ptxas -v``
+    (``triton.backends.nvidia.compiler.get_ptxas``: not a documented API, used here only)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "kernel.ptx"
+        source.write_text(ptx)
+        result = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{suffix}",
+                                 str(source), "-o", str(Path(tmp) / "kernel.cubin")],
+                                capture_output=True, text=True, check=True)
+    text = result.stdout + result.stderr
+    used = re.search(r"Used (\d+) registers", text)
+    if used is None:
+        raise RuntimeError(f"ptxas -v reported no register count: {text[-500:]}")
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    return int(used.group(1)), spills
 
 
 def _jit_function(kernel) -> triton.JITFunction:
@@ -84,20 +114,38 @@ def sparse_attention_forward(dtype: torch.dtype, heads: int, kv_heads: int, dim:
                           {"qk_scale": "fp32"}, target)
 
 
+_BACKWARD_POINTERS = dict(LSE="*fp32", DELTA="*fp32", GLSE="*fp32", DQ="*fp32", DK="*fp32",
+                         DV="*fp32", DBIAS="*fp32")
+_BACKWARD_UNIT_STRIDES = dict(sq_d=1, sk_d=1, sv_d=1, si_k=1, sdo_d=1, sdq_d=1, sdk_d=1, sdv_d=1)
+
+
 def sparse_attention_backward(dtype: torch.dtype, heads: int, kv_heads: int, dim: int,
                               dim_v: int, query_block: int = 1, causal: bool = True,
-                              target: GPUTarget = HOPPER) -> CompiledKernel:
-    """The backward sparse-attention kernel as :func:`.triton_sparse_attention.
-    sparse_attention_bwd` launches it (no bias, no lse gradient: what training a model
-    through the rewritten graph runs)."""
-    _, meta = tsa.backward_config(heads // kv_heads, query_block, dim, dim_v, causal, False,
-                                  False)
+                              tuning: dict | None = None,
+                              target: GPUTarget = HOPPER) -> list[CompiledKernel]:
+    """The backward sparse-attention kernels as :func:`.triton_sparse_attention.
+    sparse_attention_bwd` launches them in ``tuning["mode"]`` (default: the module's mode; no
+    bias, no lse gradient: what training a model through the rewritten graph runs): one kernel,
+    or the key-major dK / dV kernel and the dQ kernel for ``key_major_split``."""
+    group = heads // kv_heads
     t = "*" + _TRITON_TYPES[dtype]
-    pointers = dict(Q=t, K=t, V=t, IDX="*i32", BIAS=t, DO=t, LSE="*fp32", DELTA="*fp32",
-                    GLSE="*fp32", DQ="*fp32", DK="*fp32", DV="*fp32", DBIAS="*fp32")
-    unit = dict(sq_d=1, sk_d=1, sv_d=1, si_k=1, sdo_d=1, sdq_d=1, sdk_d=1, sdv_d=1)
-    return compile_kernel(tsa._sparse_attention_bwd, pointers, {**meta, **unit},
-                          {"scale": "fp32"}, target)
+    pointers = dict(Q=t, K=t, V=t, IDX="*i32", BIAS=t, DO=t, **_BACKWARD_POINTERS)
+    mode = tsa.backward_mode(dim, dim_v, tuning)
+    if mode == "query_major":
+        _, meta = tsa.backward_config(group, query_block, dim, dim_v, causal, False, False, tuning)
+        return [compile_kernel(tsa._sparse_attention_bwd, pointers,
+                               {**meta, **_BACKWARD_UNIT_STRIDES}, {"scale": "fp32"}, target)]
+    split = mode == "key_major_split"
+    _, meta = tsa.backward_kv_config(group, query_block, dim, dim_v, causal, False, not split,
+                                     tuning)
+    kernels = [compile_kernel(tsa._sparse_attention_bwd_kv, pointers,
+                              {**meta, **_BACKWARD_UNIT_STRIDES}, {"scale": "fp32"}, target)]
+    if split:
+        _, meta = tsa.backward_q_config(group, query_block, dim, dim_v, causal, False, tuning)
+        unit = {k: v for k, v in _BACKWARD_UNIT_STRIDES.items() if k not in ("sdk_d", "sdv_d")}
+        kernels.append(compile_kernel(tsa._sparse_attention_bwd_q, {**pointers, "DQ": t},
+                                      {**meta, **unit}, {"scale": "fp32"}, target))
+    return kernels
 
 
 def radix_topk(target: GPUTarget = HOPPER) -> CompiledKernel:
@@ -131,13 +179,22 @@ STANDARD_CONFIGS = {
 
 
 def report() -> dict[str, dict]:
-    """Shared memory, warps and wgmma use of the standard configurations, compiled for sm_90."""
+    """Shared memory, warps, wgmma use, registers and spills of the standard configurations,
+    compiled for sm_90."""
     out = {}
     for name, (heads, kv_heads, dim, dim_v, qb) in STANDARD_CONFIGS.items():
         kernel = sparse_attention_forward(torch.bfloat16, heads, kv_heads, dim, dim_v, qb)
         out[f"sparse_attention/{name}"] = kernel
-        out[f"sparse_attention_backward/{name}"] = sparse_attention_backward(
-            torch.bfloat16, heads, kv_heads, dim, dim_v, qb)
+        out[f"sparse_attention_backward/{name}"], = sparse_attention_backward(
+            torch.bfloat16, heads, kv_heads, dim, dim_v, qb, tuning={"mode": "query_major"})
+    # key-major backward at the shapes it is for (tile-shared selection): candidates for the
+    # next GPU session (benchmarks/gpu_check.py --only backward times them)
+    llama_tiles = STANDARD_CONFIGS["llama8b_tile64"]
+    out["sparse_attention_backward_key_major/llama8b_tile64"], = sparse_attention_backward(
+        torch.bfloat16, *llama_tiles, tuning={"mode": "key_major"})
+    (out["sparse_attention_backward_key_major_split/llama8b_tile64"],
+     out["sparse_attention_backward_dq/llama8b_tile64"]) = sparse_attention_backward(
+        torch.bfloat16, *llama_tiles, tuning={"mode": "key_major_split"})
     # MLA with all 128 heads in one program (K / V rows gathered once a query, not twice):
     # a candidate for the next GPU session (benchmarks/gpu_check.py --only mla times it)
     out["sparse_attention/mla_mqa_128_rows"] = sparse_attention_forward(
@@ -145,8 +202,13 @@ def report() -> dict[str, dict]:
     for qb in (1, 64):
         out[f"indexer_scores/qb{qb}"] = indexer_scores(torch.bfloat16, 8, 64, qb)
     out["radix_topk"] = radix_topk()
-    return {name: {"shared": k.shared, "fits": k.shared <= HOPPER_SHARED_BYTES,
-                   "num_warps": k.num_warps, "wgmma": k.uses_wgmma} for name, k in out.items()}
+    report = {}
+    for name, kernel in out.items():
+        registers, spilled = kernel.registers()
+        report[name] = {"shared": kernel.shared, "fits": kernel.shared <= HOPPER_SHARED_BYTES,
+                        "num_warps": kernel.num_warps, "wgmma": kernel.uses_wgmma,
+                        "registers": registers, "spill_bytes": spilled}
+    return report
 
 
 if __name__ == "__main__":  # python -m dsa_compile.kernels.triton_aot: JSON report

@@ -279,6 +279,147 @@ def _sparse_attention_bwd(
                           tl.dot(tl.trans(ds_lo), qc) * scale, mask=key_ok[:, None] & dmask)
 
 
+@triton.jit
+def _sparse_attention_bwd_kv(
+    Q, K, V, IDX, BIAS, DO, LSE, DELTA, DQ, DK, DV, DBIAS,
+    sq_b, sq_h, sq_t, sq_d: tl.constexpr,
+    sk_b, sk_h, sk_s, sk_d: tl.constexpr,
+    sv_b, sv_h, sv_s, sv_d: tl.constexpr,
+    si_b, si_r, si_k: tl.constexpr,
+    sb_b, sb_h, sb_t, sb_s,
+    sdo_b, sdo_h, sdo_t, sdo_d: tl.constexpr,
+    sl_b, sl_h, sl_t,
+    sdq_b, sdq_h, sdq_t, sdq_d: tl.constexpr,
+    sdk_b, sdk_h, sdk_s, sdk_d: tl.constexpr,
+    sdv_b, sdv_h, sdv_s, sdv_d: tl.constexpr,
+    sdb_b, sdb_h, sdb_t, sdb_s,
+    LQ, LK, TOPK, GROUP, q_offset, scale,
+    QUERY_BLOCK: tl.constexpr, QB: tl.constexpr, GB: tl.constexpr,
+    D: tl.constexpr, BDK: tl.constexpr, DV_: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, WITH_DQ: tl.constexpr,
+):
+    """Key-stationary backward. Grid: (index rows, Hkv * slot blocks, B).
+
+    A program owns ``BN`` slots of one index row (their keys gathered once) and walks all the
+    row's ``QUERY_BLOCK x GROUP`` query rows in chunks of ``QB * GB``, summing the keys' dK / dV
+    in registers: one fp32 atomic add per key and index row, where the query-major kernel makes
+    one per key and ``QB * GB`` rows. ``WITH_DQ``: dQ by atomics here (otherwise
+    :func:`_sparse_attention_bwd_q` computes it). ``DELTA = rowsum(dO * O) - dlse``."""
+    row = tl.program_id(0)
+    pid_head = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
+    slot_blocks = tl.cdiv(TOPK, BN)
+    kv_head = (pid_head // slot_blocks).to(tl.int64)
+    slots = (pid_head % slot_blocks) * BN + tl.arange(0, BN)
+    idx = tl.load(IDX + b * si_b + row * si_r + slots * si_k, mask=slots < TOPK,
+                  other=-1).to(tl.int64)
+    key_ok = (idx >= 0) & (idx < LK)
+    idx = tl.where(key_ok, idx, 0)
+    dd = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    k_rows = idx[:, None] * sk_s + dd[None, :] * sk_d
+    kc = tl.load(K + b * sk_b + kv_head * sk_h + k_rows, mask=key_ok[:, None] & (dd[None, :] < D),
+                 other=0.0)
+    vc = tl.load(V + b * sv_b + kv_head * sv_h + idx[:, None] * sv_s + dv[None, :] * sv_d,
+                 mask=key_ok[:, None] & (dv[None, :] < DV_), other=0.0)
+    dk_acc = tl.zeros([BN, BDK], tl.float32)
+    dv_acc = tl.zeros([BN, BDV], tl.float32)
+    sub_tiles = tl.cdiv(QUERY_BLOCK, QB)
+    head_blocks = tl.cdiv(GROUP, GB)
+    for chunk in range(0, sub_tiles * head_blocks):
+        _, _, t, head, row_ok = _program_rows(row * sub_tiles + chunk // head_blocks,
+                                              kv_head * head_blocks + chunk % head_blocks, LQ,
+                                              GROUP, QUERY_BLOCK, QB, GB)
+        q_rows = Q + b * sq_b + head * sq_h + t * sq_t
+        qc = tl.load(q_rows[:, None] + dd[None, :] * sq_d,
+                     mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
+        do = tl.load(DO + b * sdo_b + head[:, None] * sdo_h + t[:, None] * sdo_t
+                     + dv[None, :] * sdo_d, mask=row_ok[:, None] & (dv[None, :] < DV_), other=0.0)
+        lse = tl.load(LSE + b * sl_b + head * sl_h + t * sl_t, mask=row_ok, other=float("-inf"))
+        lse_ok = lse > float("-inf")
+        lse2 = tl.where(lse_ok, lse * 1.4426950408889634, 0.0)
+        delta = tl.load(DELTA + b * sl_b + head * sl_h + t * sl_t, mask=row_ok, other=0.0)
+        s = tl.dot(qc, tl.trans(kc))
+        s, ok = _visible_with_bias(s * (scale * 1.4426950408889634),
+                                   row_ok[:, None] & key_ok[None, :] & lse_ok[:, None], idx, t,
+                                   head, b, q_offset, BIAS, sb_b, sb_h, sb_t, sb_s, CAUSAL,
+                                   HAS_BIAS)
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do)
+        ds = p * (tl.dot(do, tl.trans(vc)) - delta[:, None])
+        if HAS_BIAS:
+            tl.atomic_add(DBIAS + b * sdb_b + head[:, None] * sdb_h + t[:, None] * sdb_t
+                          + idx[None, :] * sdb_s, ds, mask=ok)
+        ds_lo = ds.to(do.dtype)
+        dk_acc += tl.dot(tl.trans(ds_lo), qc)
+        if WITH_DQ:
+            tl.atomic_add(DQ + b * sdq_b + head[:, None] * sdq_h + t[:, None] * sdq_t
+                          + dd[None, :] * sdq_d, tl.dot(ds_lo, kc) * scale,
+                          mask=row_ok[:, None] & (dd[None, :] < D))
+    tl.atomic_add(DK + b * sdk_b + kv_head * sdk_h + idx[:, None] * sdk_s + dd[None, :] * sdk_d,
+                  dk_acc * scale, mask=key_ok[:, None] & (dd[None, :] < D))
+    tl.atomic_add(DV + b * sdv_b + kv_head * sdv_h + idx[:, None] * sdv_s + dv[None, :] * sdv_d,
+                  dv_acc, mask=key_ok[:, None] & (dv[None, :] < DV_))
+
+
+@triton.jit
+def _sparse_attention_bwd_q(
+    Q, K, V, IDX, BIAS, DO, LSE, DELTA, DQ,
+    sq_b, sq_h, sq_t, sq_d: tl.constexpr,
+    sk_b, sk_h, sk_s, sk_d: tl.constexpr,
+    sv_b, sv_h, sv_s, sv_d: tl.constexpr,
+    si_b, si_r, si_k: tl.constexpr,
+    sb_b, sb_h, sb_t, sb_s,
+    sdo_b, sdo_h, sdo_t, sdo_d: tl.constexpr,
+    sl_b, sl_h, sl_t,
+    sdq_b, sdq_h, sdq_t, sdq_d: tl.constexpr,
+    LQ, LK, TOPK, GROUP, q_offset, scale,
+    QUERY_BLOCK: tl.constexpr, QB: tl.constexpr, GB: tl.constexpr,
+    D: tl.constexpr, BDK: tl.constexpr, DV_: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """dQ alone, query-major, in registers (no atomics): the forward's grid and rows; each
+    program walks its index row in ``BK``-key steps and stores its rows' dQ once (``DQ``'s
+    dtype). ``DELTA`` as in :func:`_sparse_attention_bwd_kv`."""
+    b = tl.program_id(2).to(tl.int64)
+    scale = tl.cast(scale, tl.float32)
+    row, kv_head, t, head, row_ok = _program_rows(tl.program_id(0), tl.program_id(1), LQ, GROUP,
+                                                  QUERY_BLOCK, QB, GB)
+    dd = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    qc = tl.load(Q + b * sq_b + head[:, None] * sq_h + t[:, None] * sq_t + dd[None, :] * sq_d,
+                 mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
+    do = tl.load(DO + b * sdo_b + head[:, None] * sdo_h + t[:, None] * sdo_t + dv[None, :] * sdo_d,
+                 mask=row_ok[:, None] & (dv[None, :] < DV_), other=0.0)
+    lse = tl.load(LSE + b * sl_b + head * sl_h + t * sl_t, mask=row_ok, other=float("-inf"))
+    lse_ok = lse > float("-inf")
+    lse2 = tl.where(lse_ok, lse * 1.4426950408889634, 0.0)
+    delta = tl.load(DELTA + b * sl_b + head * sl_h + t * sl_t, mask=row_ok, other=0.0)
+    idx_row = IDX + b * si_b + row * si_r
+    k_base = K + b * sk_b + kv_head * sk_h
+    v_base = V + b * sv_b + kv_head * sv_h
+    dq = tl.zeros([QB * GB, BDK], tl.float32)
+    for k0 in range(0, TOPK, BK):
+        slots = tl.arange(0, BK) + k0
+        idx = tl.load(idx_row + slots * si_k, mask=slots < TOPK, other=-1).to(tl.int64)
+        key_ok = (idx >= 0) & (idx < LK)
+        idx = tl.where(key_ok, idx, 0)
+        kc = tl.load(k_base + idx[:, None] * sk_s + dd[None, :] * sk_d,
+                     mask=key_ok[:, None] & (dd[None, :] < D), other=0.0)
+        vc = tl.load(v_base + idx[:, None] * sv_s + dv[None, :] * sv_d,
+                     mask=key_ok[:, None] & (dv[None, :] < DV_), other=0.0)
+        s, ok = _visible_with_bias(tl.dot(qc, tl.trans(kc)) * (scale * 1.4426950408889634),
+                                   row_ok[:, None] & key_ok[None, :] & lse_ok[:, None], idx, t,
+                                   head, b, q_offset, BIAS, sb_b, sb_h, sb_t, sb_s, CAUSAL,
+                                   HAS_BIAS)
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        ds = p * (tl.dot(do, tl.trans(vc)) - delta[:, None])
+        dq += tl.dot(ds.to(kc.dtype), kc)
+    tl.store(DQ + b * sdq_b + head[:, None] * sdq_h + t[:, None] * sdq_t + dd[None, :] * sdq_d,
+             (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (dd[None, :] < D))
+
+
 # ---------------------------------------------------------------------------------------------
 # Launch helpers
 
@@ -441,19 +582,81 @@ def sparse_attention_fwd(
     return out, lse
 
 
+BACKWARD_MODES = ("query_major", "key_major", "key_major_split")
+# The work decomposition of the backward on CUDA; the key-major ones are opt-in until a GPU run
+# times them (``benchmarks/gpu_check.py --only backward``): a default is not changed on faith.
+BACKWARD_MODE = "query_major"
+KEY_MAJOR_MAX_DIM = 256  # dK / dV of a slot block live in registers: heads up to 256 wide
+
+
+def backward_mode(dim: int, dim_v: int, tuning: dict | None = None) -> str:
+    """Which backward runs: ``tuning["mode"]``, else :data:`BACKWARD_MODE`.
+
+    - ``query_major``: a program owns query rows and adds dQ, dK, dV with fp32 atomics per
+      ``BK``-key step (:func:`_sparse_attention_bwd`; any head width, MLA included);
+    - ``key_major``: a program owns a block of an index row's slots and sums their dK / dV over
+      the row's queries in registers (:func:`_sparse_attention_bwd_kv`); dQ by atomics;
+    - ``key_major_split``: as ``key_major`` for dK / dV, and dQ from its own query-major kernel
+      without atomics (:func:`_sparse_attention_bwd_q`), at the price of recomputing P and dP.
+
+    Key-major modes need ``max(dim, dim_v) <= 256``: asked for explicitly with wider heads they
+    are an error; as the module default such calls fall back to ``query_major``."""
+    explicit = (tuning or {}).get("mode")
+    mode = explicit or BACKWARD_MODE
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"backward mode {mode!r}: expected one of {BACKWARD_MODES}")
+    if mode != "query_major" and max(dim, dim_v) > KEY_MAJOR_MAX_DIM:
+        if explicit:
+            raise ValueError(f"backward mode {mode!r} keeps a key block's dK / dV in registers: "
+                             f"heads up to {KEY_MAJOR_MAX_DIM} wide, got {dim} / {dim_v}")
+        return "query_major"
+    return mode
+
+
 def backward_config(group: int, query_block: int, dim: int, dim_v: int, causal: bool,
                     has_bias: bool, has_grad_lse: bool, tuning: dict | None = None
                     ) -> tuple[Tiling, dict]:
-    """The backward kernel's tiling and launch constants (what :func:`sparse_attention_bwd`
-    launches; the ahead-of-time check compiles the same). ``tuning``: ``rows_target`` (query x
-    head rows a program owns; more rows sum more of a key's dK / dV before its one atomic add
-    per program), ``block_k``, ``num_warps``."""
+    """The query-major backward kernel's tiling and launch constants (what
+    :func:`sparse_attention_bwd` launches; the ahead-of-time check compiles the same).
+    ``tuning``: ``rows_target`` (query x head rows a program owns; more rows sum more of a key's
+    dK / dV before its one atomic add per program), ``block_k``, ``num_warps``."""
     tuning = tuning or {}
     tiling = Tiling(group, query_block, dim, dim_v, tuning.get("rows_target", 32),
                     tuning.get("block_k"))
     meta = dict(QUERY_BLOCK=query_block, QB=tiling.QB, GB=tiling.GB, D=dim, BD=tiling.BD,
                 DV_=dim_v, BDV=tiling.BDV, BK=tiling.BK, CAUSAL=causal, HAS_BIAS=has_bias,
                 HAS_GLSE=has_grad_lse, num_warps=tuning.get("num_warps", 4), num_stages=1)
+    return tiling, meta
+
+
+def backward_kv_config(group: int, query_block: int, dim: int, dim_v: int, causal: bool,
+                       has_bias: bool, with_dq: bool, tuning: dict | None = None
+                       ) -> tuple[Tiling, dict]:
+    """The key-major kernel's constants: ``rows_target`` query x head rows a step (default
+    32), ``block_n`` slots a program (default 64), ``num_warps`` (default 8), ``num_stages``.
+    The defaults are the sm_90 compile with the fewest register spills at Llama shapes (tiles
+    of 64 queries, GQA 4, D 128: 255 registers, 12-40 spilled bytes; 4 warps spill 9 KB)."""
+    tuning = tuning or {}
+    tiling = Tiling(group, query_block, dim, dim_v, tuning.get("rows_target", 32))
+    meta = dict(QUERY_BLOCK=query_block, QB=tiling.QB, GB=tiling.GB, D=dim, BDK=_pow2(dim),
+                DV_=dim_v, BDV=tiling.BDV, BN=tuning.get("block_n", 64), CAUSAL=causal,
+                HAS_BIAS=has_bias, WITH_DQ=with_dq, num_warps=tuning.get("num_warps", 8),
+                num_stages=tuning.get("num_stages", 1))
+    return tiling, meta
+
+
+def backward_q_config(group: int, query_block: int, dim: int, dim_v: int, causal: bool,
+                      has_bias: bool, tuning: dict | None = None) -> tuple[Tiling, dict]:
+    """The dQ kernel's constants (``key_major_split``): ``dq_rows_target`` (default 64),
+    ``dq_block_k`` (default 32: 140 spilled bytes on sm_90 at Llama shapes, 968 at 64),
+    ``dq_num_warps``, ``dq_num_stages``."""
+    tuning = tuning or {}
+    tiling = Tiling(group, query_block, dim, dim_v, tuning.get("dq_rows_target", 64),
+                    tuning.get("dq_block_k", 32))
+    meta = dict(QUERY_BLOCK=query_block, QB=tiling.QB, GB=tiling.GB, D=dim, BDK=_pow2(dim),
+                DV_=dim_v, BDV=tiling.BDV, BK=tiling.BK, CAUSAL=causal, HAS_BIAS=has_bias,
+                num_warps=tuning.get("dq_num_warps", 4),
+                num_stages=tuning.get("dq_num_stages", 2))
     return tiling, meta
 
 
@@ -475,22 +678,39 @@ def sparse_attention_bwd(
     tuning: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(dq, dk, dv, dbias)`` of :func:`sparse_attention_fwd` (dbias None without bias);
-    ``tuning``: see :func:`backward_config` (benchmarks)."""
-    batch, heads, lq, dim = q.shape
-    kv_heads, lk, dim_v = k.shape[1], k.shape[2], v.shape[3]
-    group = heads // kv_heads
-    rows, topk = indices.shape[1], indices.shape[2]
-    tiling, meta = backward_config(group, query_block, dim, dim_v, causal, bias is not None,
-                                   grad_lse is not None, tuning)
+    ``tuning``: ``mode`` (:func:`backward_mode`) and that mode's constants (benchmarks)."""
+    dim, dim_v = q.shape[3], v.shape[3]
+    mode = backward_mode(dim, dim_v, tuning)
+    tuning = {key: value for key, value in (tuning or {}).items() if key != "mode"}
     delta = (grad_out.float() * out.float()).sum(-1)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     dbias = torch.zeros(bias.shape, dtype=torch.float32, device=q.device) if bias is not None \
         else None
+    args = (q, k, v, indices, out, lse.contiguous(), scale, bias, causal, q_offset, query_block,
+            launch, tuning)
+    if mode == "query_major":
+        dq = _backward_query_major(grad_out, grad_lse, delta.contiguous(), dk, dv, dbias, *args)
+    else:
+        if grad_lse is not None:
+            delta = delta - grad_lse.float()
+        dq = _backward_key_major(grad_out, delta.contiguous(), dk, dv, dbias,
+                                 mode == "key_major_split", *args)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+            dbias.to(bias.dtype) if dbias is not None else None)
+
+
+def _backward_query_major(grad_out, grad_lse, delta, dk, dv, dbias, q, k, v, indices, out, lse,
+                          scale, bias, causal, q_offset, query_block, launch, tuning
+                          ) -> torch.Tensor:
+    """Launches :func:`_sparse_attention_bwd`; returns dQ (fp32), fills ``dk``, ``dv``, ``dbias``."""
+    batch, heads, lq, dim = q.shape
+    kv_heads, lk, dim_v = k.shape[1], k.shape[2], v.shape[3]
+    rows, topk = indices.shape[1], indices.shape[2]
+    tiling, meta = backward_config(heads // kv_heads, query_block, dim, dim_v, causal,
+                                   bias is not None, grad_lse is not None, tuning)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     glse = grad_lse.float().contiguous() if grad_lse is not None else None
-    lse = lse.contiguous()
-    delta = delta.contiguous()
     kernel = launch(_sparse_attention_bwd) if launch is not None else _sparse_attention_bwd
     kernel[(rows * tiling.sub_tiles, kv_heads * tiling.head_blocks, batch)](
         q, k, v, indices, bias if bias is not None else q, grad_out, lse, delta,
@@ -498,10 +718,46 @@ def sparse_attention_bwd(
         *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *_strides4(bias),
         *grad_out.stride(), *lse.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
         *_strides4(dbias),
-        lq, lk, topk, group, q_offset, scale, **meta,
+        lq, lk, topk, heads // kv_heads, q_offset, scale, **meta,
     )
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
-            dbias.to(bias.dtype) if dbias is not None else None)
+    return dq
+
+
+def _backward_key_major(grad_out, delta, dk, dv, dbias, split_dq, q, k, v, indices, out, lse,
+                        scale, bias, causal, q_offset, query_block, launch, tuning
+                        ) -> torch.Tensor:
+    """Launches :func:`_sparse_attention_bwd_kv` (and :func:`_sparse_attention_bwd_q` when
+    ``split_dq``); ``delta`` already includes the lse gradient. Returns dQ."""
+    batch, heads, lq, dim = q.shape
+    kv_heads, lk, dim_v = k.shape[1], k.shape[2], v.shape[3]
+    group = heads // kv_heads
+    rows, topk = indices.shape[1], indices.shape[2]
+    dq = q.new_empty(q.shape) if split_dq else torch.zeros(q.shape, dtype=torch.float32,
+                                                           device=q.device)
+    common = (*q.stride(), *k.stride(), *v.stride(), *indices.stride(), *_strides4(bias),
+              *grad_out.stride(), *lse.stride(), *dq.stride())
+    bias_arg = bias if bias is not None else q
+    _, meta = backward_kv_config(group, query_block, dim, dim_v, causal, bias is not None,
+                                 not split_dq, tuning)
+    slot_blocks = triton.cdiv(topk, meta["BN"])
+    if slot_blocks > 0:
+        kernel = launch(_sparse_attention_bwd_kv) if launch is not None \
+            else _sparse_attention_bwd_kv
+        kernel[(rows, kv_heads * slot_blocks, batch)](
+            q, k, v, indices, bias_arg, grad_out, lse, delta, dq, dk, dv,
+            dbias if dbias is not None else dk,
+            *common, *dk.stride(), *dv.stride(), *_strides4(dbias),
+            lq, lk, topk, group, q_offset, scale, **meta,
+        )
+    if split_dq:
+        tiling, meta = backward_q_config(group, query_block, dim, dim_v, causal, bias is not None,
+                                         tuning)
+        kernel = launch(_sparse_attention_bwd_q) if launch is not None else _sparse_attention_bwd_q
+        kernel[(rows * tiling.sub_tiles, kv_heads * tiling.head_blocks, batch)](
+            q, k, v, indices, bias_arg, grad_out, lse, delta, dq, *common,
+            lq, lk, topk, group, q_offset, scale, **meta,
+        )
+    return dq
 
 
 def unique_rows(indices: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,7 @@ class Mutation:
 
 
 TRITON_TESTS = ("tests/test_triton_kernels.py", "-k", "not compile_for_hopper")
+TRITON_BACKWARD_TESTS = ("tests/test_triton_kernels.py", "-k", "backward")
 INDEXER_TESTS = ("tests/test_indexer.py",)
 TSA = "kernels/triton_sparse_attention.py"
 GUARD_TESTS = ("tests/test_guards.py",)
@@ -75,6 +76,18 @@ MUTATIONS: list[Mutation] = [
              "top_safe + tl.log(tl.where(total > 0, total, 1.0))", "top_safe", TRITON_TESTS),
     Mutation("triton bwd: every key block re-reads the first", TSA,
              "slots = k0 + tl.arange(0, BK)", "slots = tl.arange(0, BK)", TRITON_TESTS),
+    Mutation("triton bwd kv: dK of the last row chunk only", TSA,
+             "dk_acc += tl.dot(tl.trans(ds_lo), qc)", "dk_acc = tl.dot(tl.trans(ds_lo), qc)",
+             TRITON_BACKWARD_TESTS),
+    Mutation("triton bwd kv: every slot block reads the first", TSA,
+             "slots = (pid_head % slot_blocks) * BN + tl.arange(0, BN)",
+             "slots = 0 * BN + tl.arange(0, BN)", TRITON_BACKWARD_TESTS),
+    Mutation("triton bwd dq: every key block re-reads the first", TSA,
+             "slots = tl.arange(0, BK) + k0", "slots = tl.arange(0, BK) + 0",
+             TRITON_BACKWARD_TESTS),
+    Mutation("triton bwd key-major: the lse gradient ignored", TSA,
+             "delta = delta - grad_lse.float()", "delta = delta - 0 * grad_lse.float()",
+             TRITON_BACKWARD_TESTS),
     # Triton indexer: tile max and top-k order.
     Mutation("triton indexer: tile score = min over the tile", "kernels/triton_indexer.py",
              "best = tl.maximum(best, tl.max(scores, axis=0))",

@@ -98,7 +98,14 @@ def test_sparse_attention_forward_matches_reference(name, monkeypatch):
     ("d80 tile3 head-bias", None), ("long rows", None), ("long rows tile2 bias", None),
     # more rows a program (the gpu_check sweep): several sub-tiles and head blocks merge
     ("gqa4 tile16", None), ("gqa4 tile16", {"rows_target": 64}),
-    ("gqa4 tile16", {"rows_target": 128, "num_warps": 8})])
+    ("gqa4 tile16", {"rows_target": 128, "num_warps": 8}),
+    # key-major: a program's slot block summed over several row chunks (sub-tiles, head
+    # blocks), several slot blocks a row, dQ by atomics or by its own kernel
+    ("gqa4 tile16", {"mode": "key_major"}), ("gqa4 tile16", {"mode": "key_major", "rows_target": 16}),
+    ("gqa128 mqa (MLA-like)", {"mode": "key_major"}), ("long rows", {"mode": "key_major", "block_n": 16}),
+    ("mha causal", {"mode": "key_major_split"}), ("gqa4 bias", {"mode": "key_major_split"}),
+    ("d80 tile3 head-bias", {"mode": "key_major_split"}),
+    ("long rows tile2 bias", {"mode": "key_major_split", "block_n": 32, "dq_block_k": 16})])
 def test_sparse_attention_backward_matches_reference_autograd(name, tuning):
     q, k, v, idx, bias, scale, causal, off, qb, _ = _inputs(SPARSE_CASES[name], seed=1)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -115,6 +122,54 @@ def test_sparse_attention_backward_matches_reference_autograd(name, tuning):
             assert got is None
         else:
             torch.testing.assert_close(got, want, atol=GRAD_TOL, rtol=GRAD_TOL)
+
+
+def test_key_major_backward_keeps_to_heads_it_can_hold():
+    """Key-major modes keep a slot block's dK / dV in registers: asked for with MLA's 576-wide
+    heads they are an error; as the module default, such calls run the query-major kernel."""
+    assert tsa.backward_mode(128, 128, {"mode": "key_major"}) == "key_major"
+    with pytest.raises(ValueError, match="heads up to 256"):
+        tsa.backward_mode(576, 512, {"mode": "key_major_split"})
+    with pytest.raises(ValueError, match="expected one of"):
+        tsa.backward_mode(64, 64, {"mode": "keys"})
+
+
+def test_default_backward_mode_reaches_the_cuda_op_path(monkeypatch):
+    """``BACKWARD_MODE`` is what the op's CUDA path runs (the switch a GPU run flips)."""
+    launched = []
+    for name in ("_sparse_attention_bwd", "_sparse_attention_bwd_kv", "_sparse_attention_bwd_q"):
+        real = getattr(tsa, name)
+        monkeypatch.setattr(tsa, name, _Recording(real, name, launched))
+    q, k, v, idx, bias, scale, causal, off, qb, _ = _inputs(SPARSE_CASES["gqa4 tile16"], seed=3)
+    out, lse = tsa.sparse_attention_fwd(q, k, v, idx, scale, bias, causal, off, qb)
+    grad = torch.randn_like(out)
+    results = {}
+    for mode in tsa.BACKWARD_MODES:
+        monkeypatch.setattr(tsa, "BACKWARD_MODE", mode)
+        launched.clear()
+        results[mode] = cuda_ops._sparse_attention_backward(grad, None, q, k, v, idx, out, lse,
+                                                            scale, None, causal, off, qb, True)
+        assert launched == {"query_major": ["_sparse_attention_bwd"],
+                            "key_major": ["_sparse_attention_bwd_kv"],
+                            "key_major_split": ["_sparse_attention_bwd_kv",
+                                                "_sparse_attention_bwd_q"]}[mode]
+    for mode in BACKWARD_KEY_MAJOR:
+        for got, want in zip(results[mode][:3], results["query_major"][:3], strict=True):
+            torch.testing.assert_close(got, want, atol=GRAD_TOL, rtol=GRAD_TOL)
+
+
+BACKWARD_KEY_MAJOR = ("key_major", "key_major_split")
+
+
+class _Recording:
+    """A kernel stand-in that records its name at each launch and launches the real one."""
+
+    def __init__(self, kernel, name: str, launched: list[str]) -> None:
+        self.kernel, self.name, self.launched = kernel, name, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
 
 
 def test_empty_rows_give_zeros_and_minus_inf():
@@ -365,7 +420,9 @@ def test_kernels_compile_for_hopper():
     assert set(report) == {*(f"sparse_attention{part}/{c}" for c in configs
                              for part in ("", "_backward")),
                            "sparse_attention/mla_mqa_128_rows", "indexer_scores/qb1",
-                           "indexer_scores/qb64", "radix_topk"}
+                           "indexer_scores/qb64", "radix_topk",
+                           *(f"sparse_attention_backward_{part}/llama8b_tile64"
+                             for part in ("key_major", "key_major_split", "dq"))}
     # Per-query selection with 4 heads a kv head has 16 rows a program: too few for a warpgroup
     # MMA (64 rows), so that forward config uses mma.sync; so does the MLA backward (its 512-wide
     # dV accumulators in 32-key steps), and the top-k selector has no matrix product at all.
@@ -374,6 +431,11 @@ def test_kernels_compile_for_hopper():
     for name, kernel in report.items():
         assert kernel["fits"], (name, kernel)
         assert kernel["wgmma"] is (name not in no_wgmma), (name, kernel)
+        assert 0 < kernel["registers"] <= 255 and kernel["spill_bytes"] >= 0, (name, kernel)
+    # ptxas -v read both ways: the selector (no tiles) fits its registers; MLA's 128-row
+    # program (128 x 512 fp32 accumulators) spills kilobytes, a cost the GPU sweep must weigh.
+    assert report["radix_topk"]["registers"] < 255 and report["radix_topk"]["spill_bytes"] == 0
+    assert report["sparse_attention/mla_mqa_128_rows"]["spill_bytes"] > 4096
 
 
 @pytest.mark.parametrize("causal,query_block,bias_shape", [(True, 4, (2, 1, 10, 14)),
