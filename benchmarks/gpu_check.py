@@ -446,10 +446,20 @@ def bench_decode(dev, context: int, batch: int = 8) -> None:
     scores = torch.empty(batch, 1, context, device=dev)
     score_ms = bench(lambda: tix.score_block(qi, ki, w, scores, off, 1, context, True, 0, None), dev)
     plain_ms = bench(lambda: scores.topk(s["topk"], dim=-1), dev)
+    # one radix program a row: B programs in all (a whole GPU for B=32, one SM for B=1)
+    radix_ms = bench(lambda: radix_topk(scores, s["topk"]), dev)
+    try:
+        tix.SELECTOR = "radix"
+        radix_total_ms = bench(lambda: tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, off, None,
+                                                             1), dev)
+    finally:
+        tix.SELECTOR = "torch"
     total = topk_ms + attn_ms
     record(f"DSA decode B={batch} context={context}", total, speedup=sdpa_ms / total,
            indexer_topk_ms=topk_ms, sparse_ms=attn_ms, scores_ms=score_ms, torch_topk_ms=plain_ms,
-           **{f"sparse_splits{n}_ms": t for n, t in splits.items()})
+           radix_topk_ms=radix_ms, **{f"sparse_splits{n}_ms": t for n, t in splits.items()})
+    record(f"  DSA decode B={batch} context={context}, radix selector", radix_total_ms + attn_ms,
+           speedup=sdpa_ms / (radix_total_ms + attn_ms), indexer_topk_ms=radix_total_ms)
 
 
 @section("backward vs SDPA backward")
