@@ -233,14 +233,15 @@ def check_indexer(dev, dtype, small: bool) -> None:
     # the radix selector against the tie rule on rows with ReLU-zero ties and invisible keys
     rows = torch.randn(64, 5000, device=dev, generator=gen).relu()
     rows[:8, 100:] = float("-inf")
-    for k in (1, 300, 2048):
-        values, index = radix_topk(rows, k)
-        want_values, want_index = topk_lowest_ties(rows, k)
+    for k, segments in ((1, None), (300, None), (2048, None), (300, 4), (1000, 5)):
+        part = rows[:2] if segments else rows  # 2 rows in slices, as a decode step runs them
+        values, index = radix_topk(part, k, segments=segments)
+        want_values, want_index = topk_lowest_ties(part, k)
         same = torch.equal(values, want_values) and torch.equal(
             index.masked_fill(torch.isneginf(values), -1).sort(-1).values,
             want_index.masked_fill(torch.isneginf(want_values), -1).sort(-1).values)
-        check(f"radix_topk k={k} = topk_lowest_ties (values, key sets)", 0.0 if same else 1.0,
-              0.5)
+        check(f"radix_topk k={k} segments={segments or 'auto'} = topk_lowest_ties (values, key "
+              "sets)", 0.0 if same else 1.0, 0.5)
     if dev.type == "cuda":  # FP8 keys and queries with per-token key scales (DeepGEMM's form)
         b, lq, hi, di = 1, 256, 8, 64
         q = torch.randn(b, lq, hi, di, device=dev, generator=gen)
@@ -446,8 +447,9 @@ def bench_decode(dev, context: int, batch: int = 8) -> None:
     scores = torch.empty(batch, 1, context, device=dev)
     score_ms = bench(lambda: tix.score_block(qi, ki, w, scores, off, 1, context, True, 0, None), dev)
     plain_ms = bench(lambda: scores.topk(s["topk"], dim=-1), dev)
-    # one radix program a row: B programs in all (a whole GPU for B=32, one SM for B=1)
+    # one radix program a row would be B programs (one SM for B=1): rows cut into slices
     radix_ms = bench(lambda: radix_topk(scores, s["topk"]), dev)
+    radix_one_ms = bench(lambda: radix_topk(scores, s["topk"], segments=1), dev)
     try:
         tix.SELECTOR = "radix"
         radix_total_ms = bench(lambda: tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, off, None,
@@ -457,7 +459,8 @@ def bench_decode(dev, context: int, batch: int = 8) -> None:
     total = topk_ms + attn_ms
     record(f"DSA decode B={batch} context={context}", total, speedup=sdpa_ms / total,
            indexer_topk_ms=topk_ms, sparse_ms=attn_ms, scores_ms=score_ms, torch_topk_ms=plain_ms,
-           radix_topk_ms=radix_ms, **{f"sparse_splits{n}_ms": t for n, t in splits.items()})
+           radix_topk_ms=radix_ms, radix_topk_unsliced_ms=radix_one_ms,
+           **{f"sparse_splits{n}_ms": t for n, t in splits.items()})
     record(f"  DSA decode B={batch} context={context}, radix selector", radix_total_ms + attn_ms,
            speedup=sdpa_ms / (radix_total_ms + attn_ms), indexer_topk_ms=radix_total_ms)
 

@@ -12,6 +12,9 @@ pass (:func:`.topk.topk_lowest_ties` asks for k + 1 and redoes tied rows): five 
 row, one launch. Whether that wins is for ``benchmarks/gpu_check.py`` to say; SGLang's and
 TileLang's radix selectors (several times ``torch.topk`` at k = 2048) are the anchors.
 
+Few long rows (a decode step) would occupy a few SMs with one program each: such rows are cut
+into slices, k selected in each, then k among the survivors (exact, see :func:`_two_level`).
+
 Rows are fp32 ``[B, R, n]`` with any batch and row strides (a slice of the indexer's score
 buffer, read in place) or any ``[..., n]``; ``-inf``
 entries (keys nobody sees) rank last, and the caller turns selected ``-inf`` into -1 as it does
@@ -84,10 +87,16 @@ def radix_topk_kernel(scores, out_values, out_index, n, k, rows_per_batch, strid
         ties += tl.sum(equal.to(tl.int32))
 
 
-def radix_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def radix_topk(scores: torch.Tensor, k: int, segments: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, indices int64)`` of the ``k`` best entries of each row of fp32
     ``scores [..., n]`` (``k <= n``), descending, ties at the k-th place toward lower indices:
-    the selection of :func:`.topk.topk_lowest_ties`."""
+    the selection of :func:`.topk.topk_lowest_ties`.
+
+    ``segments``: split each row into that many slices, select k in each, then k among the
+    survivors (:func:`_two_level`): for few long rows (a decode step: B rows of 128K keys),
+    which one program a row would leave on a few SMs. ``None``: as many as fill the GPU's SMs,
+    each slice at least ``4 k`` long (1 off CUDA); at most ``n // k``."""
     if scores.dtype != torch.float32:
         raise TypeError(f"radix_topk takes fp32 scores, got {scores.dtype}")
     n = scores.shape[-1]
@@ -99,12 +108,57 @@ def radix_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     count = rows.shape[0] * rows.shape[1]
-    values = torch.empty((count, k), dtype=torch.float32, device=scores.device)
-    index = torch.empty((count, k), dtype=torch.int64, device=scores.device)
+    if segments is None:
+        segments = _auto_segments(count, n, k, scores.device)
+    if not 1 <= segments <= max(1, n // max(k, 1)):
+        raise ValueError(f"radix_topk: segments must be in [1, n // k] (each slice holds k), "
+                         f"got {segments} for n={n}, k={k}")
+    if segments > 1 and k and count:
+        values, index = _two_level(rows, k, segments)
+    else:
+        values, index = _select(rows, k)
+    order = values.sort(dim=-1, descending=True, stable=True).indices
+    return (values.gather(-1, order).reshape(*lead, k),
+            index.gather(-1, order).reshape(*lead, k))
+
+
+def _select(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel over ``rows [B, R, n]`` (unit last stride): ``[B * R, k]`` values and indices
+    in ascending index order (the order the kernel writes them)."""
+    count, n = rows.shape[0] * rows.shape[1], rows.shape[2]
+    values = torch.empty((count, k), dtype=torch.float32, device=rows.device)
+    index = torch.empty((count, k), dtype=torch.int64, device=rows.device)
     if k and count:
         radix_topk_kernel[(count,)](rows, values, index, n, k, rows.shape[1], rows.stride(0),
                                     rows.stride(1), k, BLOCK=BLOCK, BINS=BINS,
                                     num_warps=NUM_WARPS)
-    order = values.sort(dim=-1, descending=True, stable=True).indices
-    return (values.gather(-1, order).reshape(*lead, k),
-            index.gather(-1, order).reshape(*lead, k))
+    return values, index
+
+
+def _two_level(rows: torch.Tensor, k: int, segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k of each of ``segments`` slices of every row, then k of their survivors.
+
+    Exact, tie rule included: an entry among a row's k best (by value, then lower index) is
+    among its slice's k best; the survivors, slice after slice, each slice's in index order,
+    stand in index order, so the second selection's ties still go to lower indices. The last
+    slice is padded with -inf, which never outranks a real entry (they have lower indices)."""
+    count, n = rows.shape[0] * rows.shape[1], rows.shape[2]
+    length = triton.cdiv(n, segments)
+    flat = torch.nn.functional.pad(rows.reshape(count, n), (0, length * segments - n),
+                                   value=float("-inf"))
+    values, index = _select(flat.view(1, count * segments, length), k)
+    starts = torch.arange(segments, device=rows.device).repeat(count) * length
+    index = (index + starts[:, None]).view(count, segments * k)
+    values, picked = _select(values.view(1, count, segments * k), k)
+    return values, index.gather(-1, picked)
+
+
+def _auto_segments(count: int, n: int, k: int, device: torch.device) -> int:
+    """Slices a row so that ``count`` rows fill the SMs (1 when they already do, off CUDA, or
+    when a slice would hold under ``4 k`` entries: the second pass would then read as much)."""
+    if device.type != "cuda" or k == 0:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if 2 * count > sms:
+        return 1
+    return max(1, min(sms // count, n // (4 * k)))

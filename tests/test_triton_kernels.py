@@ -290,6 +290,23 @@ def test_radix_topk_selects_what_the_tie_rule_selects(k):
     assert torch.equal(scores.gather(-1, index), values)
 
 
+@pytest.mark.parametrize("k,segments", [(1, 7), (64, 5), (600, 3), (30, 60)])
+def test_radix_topk_in_slices_selects_the_same(k, segments):
+    """Two-level selection (k of each slice, then k of the survivors), as decode's few long rows
+    run it: the same values and key sets as one pass, ties and -inf included, with the last
+    slice padded (n = 2113; 60 slices of 36 leave the last one all padding)."""
+    from dsa_compile.kernels.triton_topk import radix_topk
+
+    scores, = _on_device(_radix_rows())
+    scores = torch.cat([scores, scores[:, :13]], dim=-1)  # n = 2113: the last slice padded
+    one_values, one_index = radix_topk(scores, k, segments=1)
+    values, index = radix_topk(scores, k, segments=segments)
+    torch.testing.assert_close(values, one_values, atol=0, rtol=0)
+    assert torch.equal(index.masked_fill(torch.isneginf(values), -1).sort(-1).values,
+                       one_index.masked_fill(torch.isneginf(one_values), -1).sort(-1).values)
+    assert (index < scores.shape[-1]).all() and torch.equal(scores.gather(-1, index), values)
+
+
 def test_radix_topk_checks_its_input():
     from dsa_compile.kernels.triton_topk import radix_topk
 
@@ -297,6 +314,8 @@ def test_radix_topk_checks_its_input():
         radix_topk(torch.zeros(2, 8), 9)
     with pytest.raises(TypeError, match="fp32"):
         radix_topk(torch.zeros(2, 8, dtype=torch.bfloat16), 2)
+    with pytest.raises(ValueError, match="segments"):
+        radix_topk(torch.zeros(2, 8), 3, segments=3)  # slices of 3 would hold k = 3 but 8 // 3 = 2
 
 
 INDEXER_CASES = {
