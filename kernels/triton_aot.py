@@ -114,8 +114,8 @@ def sparse_attention_forward(dtype: torch.dtype, heads: int, kv_heads: int, dim:
                           {"qk_scale": "fp32"}, target)
 
 
-_BACKWARD_POINTERS = dict(LSE="*fp32", DELTA="*fp32", GLSE="*fp32", DQ="*fp32", DK="*fp32",
-                         DV="*fp32", DBIAS="*fp32")
+_BACKWARD_POINTERS = dict(LSE="*fp32", DELTA="*fp32", DQ="*fp32", DK="*fp32", DV="*fp32",
+                         DBIAS="*fp32")
 _BACKWARD_UNIT_STRIDES = dict(sq_d=1, sk_d=1, sv_d=1, si_k=1, sdo_d=1, sdq_d=1, sdk_d=1, sdv_d=1)
 
 
@@ -132,7 +132,7 @@ def sparse_attention_backward(dtype: torch.dtype, heads: int, kv_heads: int, dim
     pointers = dict(Q=t, K=t, V=t, IDX="*i32", BIAS=t, DO=t, **_BACKWARD_POINTERS)
     mode = tsa.backward_mode(dim, dim_v, tuning)
     if mode == "query_major":
-        _, meta = tsa.backward_config(group, query_block, dim, dim_v, causal, False, False, tuning)
+        _, meta = tsa.backward_config(group, query_block, dim, dim_v, causal, False, tuning)
         return [compile_kernel(tsa._sparse_attention_bwd, pointers,
                                {**meta, **_BACKWARD_UNIT_STRIDES}, {"scale": "fp32"}, target)]
     split = mode == "key_major_split"

@@ -199,8 +199,59 @@ def sparse_attention_fwd_plugin(
 
 
 @triton.jit
+def _load_rows(ptr, b, head, t, row_ok, s_b, s_h, s_t, s_d: tl.constexpr, N: tl.constexpr,
+               BN: tl.constexpr):
+    """``[M, BN]`` channels of a program's output rows (query ``t``, head ``head``) of a
+    ``[B, H, L, N]`` tensor, zero past ``N`` and on rows that do not exist."""
+    c = tl.arange(0, BN)
+    return tl.load(ptr + b * s_b + head[:, None] * s_h + t[:, None] * s_t + c[None, :] * s_d,
+                   mask=row_ok[:, None] & (c[None, :] < N), other=0.0)
+
+
+@triton.jit
+def _gather_keys(base, idx, key_ok, s_s, s_d: tl.constexpr, N: tl.constexpr, BN: tl.constexpr):
+    """``[BK, BN]`` channels of the rows ``idx`` of one kv head (zero on empty slots)."""
+    c = tl.arange(0, BN)
+    return tl.load(base + idx[:, None] * s_s + c[None, :] * s_d,
+                   mask=key_ok[:, None] & (c[None, :] < N), other=0.0)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, b, head, t, row_ok, sl_b, sl_h, sl_t):
+    """A backward program's rows: the base-2 lse (0 where a row saw no key), whether the row
+    saw any key, and ``delta = rowsum(dO * O) - dlse``."""
+    rows = b * sl_b + head * sl_h + t * sl_t
+    lse = tl.load(LSE + rows, mask=row_ok, other=float("-inf"))
+    lse_ok = lse > float("-inf")
+    delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+    return tl.where(lse_ok, lse * 1.4426950408889634, 0.0), lse_ok, delta
+
+
+@triton.jit
+def _probs_and_dscores(s, do, vc, idx, key_ok, t, head, row_ok, lse2, lse_ok, delta, b,
+                       q_offset, scale, BIAS, sb_b, sb_h, sb_t, sb_s, CAUSAL: tl.constexpr,
+                       HAS_BIAS: tl.constexpr):
+    """From raw scores ``s = Q K^T`` ``[M, BK]``: ``P`` recomputed from the saved lse,
+    ``dS = P * (dO V^T - delta)`` (fp32), and which entries are visible."""
+    s, ok = _visible_with_bias(s * (scale * 1.4426950408889634),
+                               row_ok[:, None] & key_ok[None, :] & lse_ok[:, None], idx, t, head,
+                               b, q_offset, BIAS, sb_b, sb_h, sb_t, sb_s, CAUSAL, HAS_BIAS)
+    p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+    return p, p * (tl.dot(do, tl.trans(vc)) - delta[:, None]), ok
+
+
+@triton.jit
+def _slot_keys(IDX, b, row, slots, si_b, si_r, si_k: tl.constexpr, TOPK, LK):
+    """The keys in ``slots`` of index row ``row`` (int64, 0 on empty slots) and which exist."""
+    idx = tl.load(IDX + b * si_b + row * si_r + slots * si_k, mask=slots < TOPK,
+                  other=-1).to(tl.int64)
+    key_ok = (idx >= 0) & (idx < LK)
+    return tl.where(key_ok, idx, 0), key_ok
+
+
+@triton.jit
 def _sparse_attention_bwd(
-    Q, K, V, IDX, BIAS, DO, LSE, DELTA, GLSE, DQ, DK, DV, DBIAS,
+    Q, K, V, IDX, BIAS, DO, LSE, DELTA, DQ, DK, DV, DBIAS,
     sq_b, sq_h, sq_t, sq_d: tl.constexpr,
     sk_b, sk_h, sk_s, sk_d: tl.constexpr,
     sv_b, sv_h, sv_s, sv_d: tl.constexpr,
@@ -215,52 +266,37 @@ def _sparse_attention_bwd(
     LQ, LK, TOPK, GROUP, q_offset, scale,
     QUERY_BLOCK: tl.constexpr, QB: tl.constexpr, GB: tl.constexpr,
     D: tl.constexpr, BD: tl.constexpr, DV_: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GLSE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
-    """Same grid as the forward (no splits). Accumulates into fp32 ``DQ``, ``DK``, ``DV``,
-    ``DBIAS`` with atomics; ``DELTA = rowsum(dO * O)``."""
-    pid_row = tl.program_id(0)
-    pid_head = tl.program_id(1)
+    """Query-major backward. Same grid as the forward (no splits). Accumulates into fp32
+    ``DQ``, ``DK``, ``DV``, ``DBIAS`` with atomics every ``BK``-key step, ``BD`` channels at a
+    time (any head width). ``DELTA = rowsum(dO * O) - dlse``."""
     b = tl.program_id(2).to(tl.int64)
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
-
-    row, kv_head, t, head, row_ok = _program_rows(pid_row, pid_head, LQ, GROUP, QUERY_BLOCK, QB,
-                                                  GB)
+    row, kv_head, t, head, row_ok = _program_rows(tl.program_id(0), tl.program_id(1), LQ, GROUP,
+                                                  QUERY_BLOCK, QB, GB)
     q_rows = Q + b * sq_b + head * sq_h + t * sq_t
     dq_rows = DQ + b * sdq_b + head * sdq_h + t * sdq_t
     dd = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
-    lse = tl.load(LSE + b * sl_b + head * sl_h + t * sl_t, mask=row_ok, other=float("-inf"))
-    lse_ok = lse > float("-inf")
-    lse2 = tl.where(lse_ok, lse * 1.4426950408889634, 0.0)
-    delta = tl.load(DELTA + b * sl_b + head * sl_h + t * sl_t, mask=row_ok, other=0.0)
-    if HAS_GLSE:
-        delta -= tl.load(GLSE + b * sl_b + head * sl_h + t * sl_t, mask=row_ok, other=0.0)
-    do = tl.load(DO + b * sdo_b + head[:, None] * sdo_h + t[:, None] * sdo_t
-                 + dv[None, :] * sdo_d, mask=row_ok[:, None] & (dv[None, :] < DV_), other=0.0)
-    idx_row = IDX + b * si_b + row * si_r
+    lse2, lse_ok, delta = _row_stats(LSE, DELTA, b, head, t, row_ok, sl_b, sl_h, sl_t)
+    do = _load_rows(DO, b, head, t, row_ok, sdo_b, sdo_h, sdo_t, sdo_d, DV_, BDV)
     k_base = K + b * sk_b + kv_head * sk_h
     v_base = V + b * sv_b + kv_head * sv_h
     dk_base = DK + b * sdk_b + kv_head * sdk_h
     dv_base = DV + b * sdv_b + kv_head * sdv_h
     for k0 in range(0, TOPK, BK):
         slots = k0 + tl.arange(0, BK)
-        idx = tl.load(idx_row + slots * si_k, mask=slots < TOPK, other=-1).to(tl.int64)
-        key_ok = (idx >= 0) & (idx < LK)
-        idx = tl.where(key_ok, idx, 0)
+        idx, key_ok = _slot_keys(IDX, b, row, slots, si_b, si_r, si_k, TOPK, LK)
         s = _scores_chunked(q_rows, row_ok, k_base, idx, key_ok, sq_d, sk_s, sk_d, QB * GB, BK, D,
                             BD)
-        s, ok = _visible_with_bias(s * (scale * 1.4426950408889634),
-                                   row_ok[:, None] & key_ok[None, :] & lse_ok[:, None], idx, t, head,
-                                   b, q_offset, BIAS, sb_b, sb_h, sb_t, sb_s, CAUSAL, HAS_BIAS)
-        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-        vc = tl.load(v_base + idx[:, None] * sv_s + dv[None, :] * sv_d,
-                     mask=key_ok[:, None] & (dv[None, :] < DV_), other=0.0)
-        dp = tl.dot(do, tl.trans(vc))
-        ds = p * (dp - delta[:, None])
+        vc = _gather_keys(v_base, idx, key_ok, sv_s, sv_d, DV_, BDV)
+        p, ds, ok = _probs_and_dscores(s, do, vc, idx, key_ok, t, head, row_ok, lse2, lse_ok,
+                                       delta, b, q_offset, scale, BIAS, sb_b, sb_h, sb_t, sb_s,
+                                       CAUSAL, HAS_BIAS)
         # dV[idx] += P^T dO
-        dv_blk = tl.dot(tl.trans(p.to(do.dtype)), do)
-        tl.atomic_add(dv_base + idx[:, None] * sdv_s + dv[None, :] * sdv_d, dv_blk,
+        tl.atomic_add(dv_base + idx[:, None] * sdv_s + dv[None, :] * sdv_d,
+                      tl.dot(tl.trans(p.to(do.dtype)), do),
                       mask=key_ok[:, None] & (dv[None, :] < DV_))
         if HAS_BIAS:
             tl.atomic_add(DBIAS + b * sdb_b + head[:, None] * sdb_h + t[:, None] * sdb_t
@@ -298,31 +334,25 @@ def _sparse_attention_bwd_kv(
     D: tl.constexpr, BDK: tl.constexpr, DV_: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, WITH_DQ: tl.constexpr,
 ):
-    """Key-stationary backward. Grid: (index rows, Hkv * slot blocks, B).
+    """Key-major backward. Grid: (index rows, Hkv * slot blocks, B).
 
     A program owns ``BN`` slots of one index row (their keys gathered once) and walks all the
     row's ``QUERY_BLOCK x GROUP`` query rows in chunks of ``QB * GB``, summing the keys' dK / dV
     in registers: one fp32 atomic add per key and index row, where the query-major kernel makes
     one per key and ``QB * GB`` rows. ``WITH_DQ``: dQ by atomics here (otherwise
-    :func:`_sparse_attention_bwd_q` computes it). ``DELTA = rowsum(dO * O) - dlse``."""
+    :func:`_sparse_attention_bwd_q` computes it). ``DELTA`` as in :func:`_sparse_attention_bwd`."""
     row = tl.program_id(0)
     pid_head = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
+    scale = tl.cast(scale, tl.float32)
     slot_blocks = tl.cdiv(TOPK, BN)
     kv_head = (pid_head // slot_blocks).to(tl.int64)
     slots = (pid_head % slot_blocks) * BN + tl.arange(0, BN)
-    idx = tl.load(IDX + b * si_b + row * si_r + slots * si_k, mask=slots < TOPK,
-                  other=-1).to(tl.int64)
-    key_ok = (idx >= 0) & (idx < LK)
-    idx = tl.where(key_ok, idx, 0)
+    idx, key_ok = _slot_keys(IDX, b, row, slots, si_b, si_r, si_k, TOPK, LK)
     dd = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
-    k_rows = idx[:, None] * sk_s + dd[None, :] * sk_d
-    kc = tl.load(K + b * sk_b + kv_head * sk_h + k_rows, mask=key_ok[:, None] & (dd[None, :] < D),
-                 other=0.0)
-    vc = tl.load(V + b * sv_b + kv_head * sv_h + idx[:, None] * sv_s + dv[None, :] * sv_d,
-                 mask=key_ok[:, None] & (dv[None, :] < DV_), other=0.0)
+    kc = _gather_keys(K + b * sk_b + kv_head * sk_h, idx, key_ok, sk_s, sk_d, D, BDK)
+    vc = _gather_keys(V + b * sv_b + kv_head * sv_h, idx, key_ok, sv_s, sv_d, DV_, BDV)
     dk_acc = tl.zeros([BN, BDK], tl.float32)
     dv_acc = tl.zeros([BN, BDV], tl.float32)
     sub_tiles = tl.cdiv(QUERY_BLOCK, QB)
@@ -331,23 +361,13 @@ def _sparse_attention_bwd_kv(
         _, _, t, head, row_ok = _program_rows(row * sub_tiles + chunk // head_blocks,
                                               kv_head * head_blocks + chunk % head_blocks, LQ,
                                               GROUP, QUERY_BLOCK, QB, GB)
-        q_rows = Q + b * sq_b + head * sq_h + t * sq_t
-        qc = tl.load(q_rows[:, None] + dd[None, :] * sq_d,
-                     mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
-        do = tl.load(DO + b * sdo_b + head[:, None] * sdo_h + t[:, None] * sdo_t
-                     + dv[None, :] * sdo_d, mask=row_ok[:, None] & (dv[None, :] < DV_), other=0.0)
-        lse = tl.load(LSE + b * sl_b + head * sl_h + t * sl_t, mask=row_ok, other=float("-inf"))
-        lse_ok = lse > float("-inf")
-        lse2 = tl.where(lse_ok, lse * 1.4426950408889634, 0.0)
-        delta = tl.load(DELTA + b * sl_b + head * sl_h + t * sl_t, mask=row_ok, other=0.0)
-        s = tl.dot(qc, tl.trans(kc))
-        s, ok = _visible_with_bias(s * (scale * 1.4426950408889634),
-                                   row_ok[:, None] & key_ok[None, :] & lse_ok[:, None], idx, t,
-                                   head, b, q_offset, BIAS, sb_b, sb_h, sb_t, sb_s, CAUSAL,
-                                   HAS_BIAS)
-        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        qc = _load_rows(Q, b, head, t, row_ok, sq_b, sq_h, sq_t, sq_d, D, BDK)
+        do = _load_rows(DO, b, head, t, row_ok, sdo_b, sdo_h, sdo_t, sdo_d, DV_, BDV)
+        lse2, lse_ok, delta = _row_stats(LSE, DELTA, b, head, t, row_ok, sl_b, sl_h, sl_t)
+        p, ds, ok = _probs_and_dscores(tl.dot(qc, tl.trans(kc)), do, vc, idx, key_ok, t, head,
+                                       row_ok, lse2, lse_ok, delta, b, q_offset, scale, BIAS,
+                                       sb_b, sb_h, sb_t, sb_s, CAUSAL, HAS_BIAS)
         dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do)
-        ds = p * (tl.dot(do, tl.trans(vc)) - delta[:, None])
         if HAS_BIAS:
             tl.atomic_add(DBIAS + b * sdb_b + head[:, None] * sdb_h + t[:, None] * sdb_t
                           + idx[None, :] * sdb_s, ds, mask=ok)
@@ -381,40 +401,25 @@ def _sparse_attention_bwd_q(
 ):
     """dQ alone, query-major, in registers (no atomics): the forward's grid and rows; each
     program walks its index row in ``BK``-key steps and stores its rows' dQ once (``DQ``'s
-    dtype). ``DELTA`` as in :func:`_sparse_attention_bwd_kv`."""
+    dtype). ``DELTA`` as in :func:`_sparse_attention_bwd`."""
     b = tl.program_id(2).to(tl.int64)
     scale = tl.cast(scale, tl.float32)
     row, kv_head, t, head, row_ok = _program_rows(tl.program_id(0), tl.program_id(1), LQ, GROUP,
                                                   QUERY_BLOCK, QB, GB)
     dd = tl.arange(0, BDK)
-    dv = tl.arange(0, BDV)
-    qc = tl.load(Q + b * sq_b + head[:, None] * sq_h + t[:, None] * sq_t + dd[None, :] * sq_d,
-                 mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sdo_b + head[:, None] * sdo_h + t[:, None] * sdo_t + dv[None, :] * sdo_d,
-                 mask=row_ok[:, None] & (dv[None, :] < DV_), other=0.0)
-    lse = tl.load(LSE + b * sl_b + head * sl_h + t * sl_t, mask=row_ok, other=float("-inf"))
-    lse_ok = lse > float("-inf")
-    lse2 = tl.where(lse_ok, lse * 1.4426950408889634, 0.0)
-    delta = tl.load(DELTA + b * sl_b + head * sl_h + t * sl_t, mask=row_ok, other=0.0)
-    idx_row = IDX + b * si_b + row * si_r
+    qc = _load_rows(Q, b, head, t, row_ok, sq_b, sq_h, sq_t, sq_d, D, BDK)
+    do = _load_rows(DO, b, head, t, row_ok, sdo_b, sdo_h, sdo_t, sdo_d, DV_, BDV)
+    lse2, lse_ok, delta = _row_stats(LSE, DELTA, b, head, t, row_ok, sl_b, sl_h, sl_t)
     k_base = K + b * sk_b + kv_head * sk_h
     v_base = V + b * sv_b + kv_head * sv_h
     dq = tl.zeros([QB * GB, BDK], tl.float32)
     for k0 in range(0, TOPK, BK):
-        slots = tl.arange(0, BK) + k0
-        idx = tl.load(idx_row + slots * si_k, mask=slots < TOPK, other=-1).to(tl.int64)
-        key_ok = (idx >= 0) & (idx < LK)
-        idx = tl.where(key_ok, idx, 0)
-        kc = tl.load(k_base + idx[:, None] * sk_s + dd[None, :] * sk_d,
-                     mask=key_ok[:, None] & (dd[None, :] < D), other=0.0)
-        vc = tl.load(v_base + idx[:, None] * sv_s + dv[None, :] * sv_d,
-                     mask=key_ok[:, None] & (dv[None, :] < DV_), other=0.0)
-        s, ok = _visible_with_bias(tl.dot(qc, tl.trans(kc)) * (scale * 1.4426950408889634),
-                                   row_ok[:, None] & key_ok[None, :] & lse_ok[:, None], idx, t,
-                                   head, b, q_offset, BIAS, sb_b, sb_h, sb_t, sb_s, CAUSAL,
-                                   HAS_BIAS)
-        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-        ds = p * (tl.dot(do, tl.trans(vc)) - delta[:, None])
+        idx, key_ok = _slot_keys(IDX, b, row, tl.arange(0, BK) + k0, si_b, si_r, si_k, TOPK, LK)
+        kc = _gather_keys(k_base, idx, key_ok, sk_s, sk_d, D, BDK)
+        vc = _gather_keys(v_base, idx, key_ok, sv_s, sv_d, DV_, BDV)
+        _, ds, _ = _probs_and_dscores(tl.dot(qc, tl.trans(kc)), do, vc, idx, key_ok, t, head,
+                                      row_ok, lse2, lse_ok, delta, b, q_offset, scale, BIAS,
+                                      sb_b, sb_h, sb_t, sb_s, CAUSAL, HAS_BIAS)
         dq += tl.dot(ds.to(kc.dtype), kc)
     tl.store(DQ + b * sdq_b + head[:, None] * sdq_h + t[:, None] * sdq_t + dd[None, :] * sdq_d,
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (dd[None, :] < D))
@@ -614,8 +619,7 @@ def backward_mode(dim: int, dim_v: int, tuning: dict | None = None) -> str:
 
 
 def backward_config(group: int, query_block: int, dim: int, dim_v: int, causal: bool,
-                    has_bias: bool, has_grad_lse: bool, tuning: dict | None = None
-                    ) -> tuple[Tiling, dict]:
+                    has_bias: bool, tuning: dict | None = None) -> tuple[Tiling, dict]:
     """The query-major backward kernel's tiling and launch constants (what
     :func:`sparse_attention_bwd` launches; the ahead-of-time check compiles the same).
     ``tuning``: ``rows_target`` (query x head rows a program owns; more rows sum more of a key's
@@ -625,7 +629,7 @@ def backward_config(group: int, query_block: int, dim: int, dim_v: int, causal: 
                     tuning.get("block_k"))
     meta = dict(QUERY_BLOCK=query_block, QB=tiling.QB, GB=tiling.GB, D=dim, BD=tiling.BD,
                 DV_=dim_v, BDV=tiling.BDV, BK=tiling.BK, CAUSAL=causal, HAS_BIAS=has_bias,
-                HAS_GLSE=has_grad_lse, num_warps=tuning.get("num_warps", 4), num_stages=1)
+                num_warps=tuning.get("num_warps", 4), num_stages=1)
     return tiling, meta
 
 
@@ -635,7 +639,7 @@ def backward_kv_config(group: int, query_block: int, dim: int, dim_v: int, causa
     """The key-major kernel's constants: ``rows_target`` query x head rows a step (default
     32), ``block_n`` slots a program (default 64), ``num_warps`` (default 8), ``num_stages``.
     The defaults are the sm_90 compile with the fewest register spills at Llama shapes (tiles
-    of 64 queries, GQA 4, D 128: 255 registers, 12-40 spilled bytes; 4 warps spill 9 KB)."""
+    of 64 queries, GQA 4, D 128: 255 registers, 20-32 spilled bytes; 4 warps spill 9 KB)."""
     tuning = tuning or {}
     tiling = Tiling(group, query_block, dim, dim_v, tuning.get("rows_target", 32))
     meta = dict(QUERY_BLOCK=query_block, QB=tiling.QB, GB=tiling.GB, D=dim, BDK=_pow2(dim),
@@ -648,7 +652,7 @@ def backward_kv_config(group: int, query_block: int, dim: int, dim_v: int, causa
 def backward_q_config(group: int, query_block: int, dim: int, dim_v: int, causal: bool,
                       has_bias: bool, tuning: dict | None = None) -> tuple[Tiling, dict]:
     """The dQ kernel's constants (``key_major_split``): ``dq_rows_target`` (default 64),
-    ``dq_block_k`` (default 32: 140 spilled bytes on sm_90 at Llama shapes, 968 at 64),
+    ``dq_block_k`` (default 32: ~120 spilled bytes on sm_90 at Llama shapes, ~970 at 64),
     ``dq_num_warps``, ``dq_num_stages``."""
     tuning = tuning or {}
     tiling = Tiling(group, query_block, dim, dim_v, tuning.get("dq_rows_target", 64),
@@ -687,34 +691,33 @@ def sparse_attention_bwd(
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     dbias = torch.zeros(bias.shape, dtype=torch.float32, device=q.device) if bias is not None \
         else None
-    args = (q, k, v, indices, out, lse.contiguous(), scale, bias, causal, q_offset, query_block,
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    args = (q, k, v, indices, lse.contiguous(), scale, bias, causal, q_offset, query_block,
             launch, tuning)
     if mode == "query_major":
-        dq = _backward_query_major(grad_out, grad_lse, delta.contiguous(), dk, dv, dbias, *args)
+        dq = _backward_query_major(grad_out, delta.contiguous(), dk, dv, dbias, *args)
     else:
-        if grad_lse is not None:
-            delta = delta - grad_lse.float()
         dq = _backward_key_major(grad_out, delta.contiguous(), dk, dv, dbias,
                                  mode == "key_major_split", *args)
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
             dbias.to(bias.dtype) if dbias is not None else None)
 
 
-def _backward_query_major(grad_out, grad_lse, delta, dk, dv, dbias, q, k, v, indices, out, lse,
-                          scale, bias, causal, q_offset, query_block, launch, tuning
-                          ) -> torch.Tensor:
-    """Launches :func:`_sparse_attention_bwd`; returns dQ (fp32), fills ``dk``, ``dv``, ``dbias``."""
+def _backward_query_major(grad_out, delta, dk, dv, dbias, q, k, v, indices, lse, scale, bias,
+                          causal, q_offset, query_block, launch, tuning) -> torch.Tensor:
+    """Launches :func:`_sparse_attention_bwd` (``delta`` includes the lse gradient); returns dQ
+    (fp32), fills ``dk``, ``dv``, ``dbias``."""
     batch, heads, lq, dim = q.shape
     kv_heads, lk, dim_v = k.shape[1], k.shape[2], v.shape[3]
     rows, topk = indices.shape[1], indices.shape[2]
     tiling, meta = backward_config(heads // kv_heads, query_block, dim, dim_v, causal,
-                                   bias is not None, grad_lse is not None, tuning)
+                                   bias is not None, tuning)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    glse = grad_lse.float().contiguous() if grad_lse is not None else None
     kernel = launch(_sparse_attention_bwd) if launch is not None else _sparse_attention_bwd
     kernel[(rows * tiling.sub_tiles, kv_heads * tiling.head_blocks, batch)](
         q, k, v, indices, bias if bias is not None else q, grad_out, lse, delta,
-        glse if glse is not None else lse, dq, dk, dv, dbias if dbias is not None else dq,
+        dq, dk, dv, dbias if dbias is not None else dq,
         *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *_strides4(bias),
         *grad_out.stride(), *lse.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
         *_strides4(dbias),
@@ -723,9 +726,8 @@ def _backward_query_major(grad_out, grad_lse, delta, dk, dv, dbias, q, k, v, ind
     return dq
 
 
-def _backward_key_major(grad_out, delta, dk, dv, dbias, split_dq, q, k, v, indices, out, lse,
-                        scale, bias, causal, q_offset, query_block, launch, tuning
-                        ) -> torch.Tensor:
+def _backward_key_major(grad_out, delta, dk, dv, dbias, split_dq, q, k, v, indices, lse, scale,
+                        bias, causal, q_offset, query_block, launch, tuning) -> torch.Tensor:
     """Launches :func:`_sparse_attention_bwd_kv` (and :func:`_sparse_attention_bwd_q` when
     ``split_dq``); ``delta`` already includes the lse gradient. Returns dQ."""
     batch, heads, lq, dim = q.shape

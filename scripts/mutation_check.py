@@ -83,9 +83,9 @@ MUTATIONS: list[Mutation] = [
              "slots = (pid_head % slot_blocks) * BN + tl.arange(0, BN)",
              "slots = 0 * BN + tl.arange(0, BN)", TRITON_BACKWARD_TESTS),
     Mutation("triton bwd dq: every key block re-reads the first", TSA,
-             "slots = tl.arange(0, BK) + k0", "slots = tl.arange(0, BK) + 0",
+             "tl.arange(0, BK) + k0, si_b", "tl.arange(0, BK) + 0, si_b",
              TRITON_BACKWARD_TESTS),
-    Mutation("triton bwd key-major: the lse gradient ignored", TSA,
+    Mutation("triton bwd: the lse gradient ignored", TSA,
              "delta = delta - grad_lse.float()", "delta = delta - 0 * grad_lse.float()",
              TRITON_BACKWARD_TESTS),
     # Triton indexer: tile max and top-k order.
