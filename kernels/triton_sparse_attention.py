@@ -83,6 +83,57 @@ def _visible_with_bias(s, ok, idx, t, head, b, q_offset, BIAS, sb_b, sb_h, sb_t,
 
 
 @triton.jit
+def _load_rows(ptr, b, head, t, row_ok, s_b, s_h, s_t, s_d: tl.constexpr, N: tl.constexpr,
+               BN: tl.constexpr):
+    """``[M, BN]`` channels of a program's output rows (query ``t``, head ``head``) of a
+    ``[B, H, L, N]`` tensor, zero past ``N`` and on rows that do not exist."""
+    c = tl.arange(0, BN)
+    return tl.load(ptr + b * s_b + head[:, None] * s_h + t[:, None] * s_t + c[None, :] * s_d,
+                   mask=row_ok[:, None] & (c[None, :] < N), other=0.0)
+
+
+@triton.jit
+def _gather_keys(base, idx, key_ok, s_s, s_d: tl.constexpr, N: tl.constexpr, BN: tl.constexpr):
+    """``[BK, BN]`` channels of the rows ``idx`` of one kv head (zero on empty slots)."""
+    c = tl.arange(0, BN)
+    return tl.load(base + idx[:, None] * s_s + c[None, :] * s_d,
+                   mask=key_ok[:, None] & (c[None, :] < N), other=0.0)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, b, head, t, row_ok, sl_b, sl_h, sl_t):
+    """A backward program's rows: the base-2 lse (0 where a row saw no key), whether the row
+    saw any key, and ``delta = rowsum(dO * O) - dlse``."""
+    rows = b * sl_b + head * sl_h + t * sl_t
+    lse = tl.load(LSE + rows, mask=row_ok, other=float("-inf"))
+    lse_ok = lse > float("-inf")
+    delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+    return tl.where(lse_ok, lse * 1.4426950408889634, 0.0), lse_ok, delta
+
+
+@triton.jit
+def _probs_and_dscores(s, do, vc, idx, key_ok, t, head, row_ok, lse2, lse_ok, delta, b,
+                       q_offset, scale, BIAS, sb_b, sb_h, sb_t, sb_s, CAUSAL: tl.constexpr,
+                       HAS_BIAS: tl.constexpr):
+    """From raw scores ``s = Q K^T`` ``[M, BK]``: ``P`` recomputed from the saved lse,
+    ``dS = P * (dO V^T - delta)`` (fp32), and which entries are visible."""
+    s, ok = _visible_with_bias(s * (scale * 1.4426950408889634),
+                               row_ok[:, None] & key_ok[None, :] & lse_ok[:, None], idx, t, head,
+                               b, q_offset, BIAS, sb_b, sb_h, sb_t, sb_s, CAUSAL, HAS_BIAS)
+    p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+    return p, p * (tl.dot(do, tl.trans(vc)) - delta[:, None]), ok
+
+
+@triton.jit
+def _slot_keys(IDX, b, row, slots, si_b, si_r, si_k: tl.constexpr, TOPK, LK):
+    """The keys in ``slots`` of index row ``row`` (int64, 0 on empty slots) and which exist."""
+    idx = tl.load(IDX + b * si_b + row * si_r + slots * si_k, mask=slots < TOPK,
+                  other=-1).to(tl.int64)
+    key_ok = (idx >= 0) & (idx < LK)
+    return tl.where(key_ok, idx, 0), key_ok
+
+
+@triton.jit
 def _sparse_attention_fwd(
     Q, K, V, IDX, BIAS, OUT, LSE,
     sq_b, sq_h, sq_t, sq_d: tl.constexpr,
@@ -158,8 +209,7 @@ def _sparse_attention_fwd(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vc = tl.load(v_base + idx[:, None] * sv_s + dv[None, :] * sv_d,
-                     mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        vc = _gather_keys(v_base, idx, key_ok, sv_s, sv_d, DV, BDV)
         acc = acc * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
         m_i = m_new
     has_keys = l_i > 0.0
@@ -196,57 +246,6 @@ def sparse_attention_fwd_plugin(
         LQ, LK, TOPK, GROUP, q_offset, QK_SCALE, TOPK,
         QUERY_BLOCK, QB, GB, D, BD, DV, BDV, BK, CAUSAL, HAS_BIAS, PRELOAD_Q, D_MAIN, D_TAIL,
     )
-
-
-@triton.jit
-def _load_rows(ptr, b, head, t, row_ok, s_b, s_h, s_t, s_d: tl.constexpr, N: tl.constexpr,
-               BN: tl.constexpr):
-    """``[M, BN]`` channels of a program's output rows (query ``t``, head ``head``) of a
-    ``[B, H, L, N]`` tensor, zero past ``N`` and on rows that do not exist."""
-    c = tl.arange(0, BN)
-    return tl.load(ptr + b * s_b + head[:, None] * s_h + t[:, None] * s_t + c[None, :] * s_d,
-                   mask=row_ok[:, None] & (c[None, :] < N), other=0.0)
-
-
-@triton.jit
-def _gather_keys(base, idx, key_ok, s_s, s_d: tl.constexpr, N: tl.constexpr, BN: tl.constexpr):
-    """``[BK, BN]`` channels of the rows ``idx`` of one kv head (zero on empty slots)."""
-    c = tl.arange(0, BN)
-    return tl.load(base + idx[:, None] * s_s + c[None, :] * s_d,
-                   mask=key_ok[:, None] & (c[None, :] < N), other=0.0)
-
-
-@triton.jit
-def _row_stats(LSE, DELTA, b, head, t, row_ok, sl_b, sl_h, sl_t):
-    """A backward program's rows: the base-2 lse (0 where a row saw no key), whether the row
-    saw any key, and ``delta = rowsum(dO * O) - dlse``."""
-    rows = b * sl_b + head * sl_h + t * sl_t
-    lse = tl.load(LSE + rows, mask=row_ok, other=float("-inf"))
-    lse_ok = lse > float("-inf")
-    delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
-    return tl.where(lse_ok, lse * 1.4426950408889634, 0.0), lse_ok, delta
-
-
-@triton.jit
-def _probs_and_dscores(s, do, vc, idx, key_ok, t, head, row_ok, lse2, lse_ok, delta, b,
-                       q_offset, scale, BIAS, sb_b, sb_h, sb_t, sb_s, CAUSAL: tl.constexpr,
-                       HAS_BIAS: tl.constexpr):
-    """From raw scores ``s = Q K^T`` ``[M, BK]``: ``P`` recomputed from the saved lse,
-    ``dS = P * (dO V^T - delta)`` (fp32), and which entries are visible."""
-    s, ok = _visible_with_bias(s * (scale * 1.4426950408889634),
-                               row_ok[:, None] & key_ok[None, :] & lse_ok[:, None], idx, t, head,
-                               b, q_offset, BIAS, sb_b, sb_h, sb_t, sb_s, CAUSAL, HAS_BIAS)
-    p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-    return p, p * (tl.dot(do, tl.trans(vc)) - delta[:, None]), ok
-
-
-@triton.jit
-def _slot_keys(IDX, b, row, slots, si_b, si_r, si_k: tl.constexpr, TOPK, LK):
-    """The keys in ``slots`` of index row ``row`` (int64, 0 on empty slots) and which exist."""
-    idx = tl.load(IDX + b * si_b + row * si_r + slots * si_k, mask=slots < TOPK,
-                  other=-1).to(tl.int64)
-    key_ok = (idx >= 0) & (idx < LK)
-    return tl.where(key_ok, idx, 0), key_ok
 
 
 @triton.jit

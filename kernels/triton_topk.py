@@ -109,7 +109,9 @@ def radix_topk(scores: torch.Tensor, k: int, segments: int | None = None
         rows = rows.contiguous()
     count = rows.shape[0] * rows.shape[1]
     if segments is None:
-        segments = _auto_segments(count, n, k, scores.device)
+        sms = torch.cuda.get_device_properties(scores.device).multi_processor_count \
+            if scores.device.type == "cuda" else 0
+        segments = auto_segments(count, n, k, sms)
     if not 1 <= segments <= max(1, n // max(k, 1)):
         raise ValueError(f"radix_topk: segments must be in [1, n // k] (each slice holds k), "
                          f"got {segments} for n={n}, k={k}")
@@ -153,12 +155,10 @@ def _two_level(rows: torch.Tensor, k: int, segments: int) -> tuple[torch.Tensor,
     return values, index.gather(-1, picked)
 
 
-def _auto_segments(count: int, n: int, k: int, device: torch.device) -> int:
-    """Slices a row so that ``count`` rows fill the SMs (1 when they already do, off CUDA, or
-    when a slice would hold under ``4 k`` entries: the second pass would then read as much)."""
-    if device.type != "cuda" or k == 0:
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if 2 * count > sms:
+def auto_segments(count: int, n: int, k: int, sms: int) -> int:
+    """Slices a row so that ``count`` rows of ``n`` fill ``sms`` SMs (0: not a GPU); 1 when
+    they already half fill them, or when a slice would hold under ``4 k`` entries (the second
+    selection would then read about as much as the first)."""
+    if k == 0 or 2 * count > sms:
         return 1
     return max(1, min(sms // count, n // (4 * k)))

@@ -124,7 +124,7 @@ def test_sparse_attention_backward_matches_reference_autograd(name, tuning):
             torch.testing.assert_close(got, want, atol=GRAD_TOL, rtol=GRAD_TOL)
 
 
-def test_key_major_backward_keeps_to_heads_it_can_hold():
+def test_key_major_backward_keeps_to_heads_it_can_hold(monkeypatch):
     """Key-major modes keep a slot block's dK / dV in registers: asked for with MLA's 576-wide
     heads they are an error; as the module default, such calls run the query-major kernel."""
     assert tsa.backward_mode(128, 128, {"mode": "key_major"}) == "key_major"
@@ -132,6 +132,9 @@ def test_key_major_backward_keeps_to_heads_it_can_hold():
         tsa.backward_mode(576, 512, {"mode": "key_major_split"})
     with pytest.raises(ValueError, match="expected one of"):
         tsa.backward_mode(64, 64, {"mode": "keys"})
+    monkeypatch.setattr(tsa, "BACKWARD_MODE", "key_major_split")
+    assert tsa.backward_mode(128, 128) == "key_major_split"
+    assert tsa.backward_mode(576, 512) == "query_major"
 
 
 def test_default_backward_mode_reaches_the_cuda_op_path(monkeypatch):
@@ -305,6 +308,19 @@ def test_radix_topk_in_slices_selects_the_same(k, segments):
     assert torch.equal(index.masked_fill(torch.isneginf(values), -1).sort(-1).values,
                        one_index.masked_fill(torch.isneginf(one_values), -1).sort(-1).values)
     assert (index < scores.shape[-1]).all() and torch.equal(scores.gather(-1, index), values)
+
+
+def test_radix_slices_fill_the_gpu_for_few_rows_only():
+    """Decode's rows (1-8 of 128K) are sliced to fill an H200's 132 SMs, 8K+ entries a slice;
+    prefill's thousands of rows, short rows and CPU tensors are not."""
+    from dsa_compile.kernels.triton_topk import auto_segments
+
+    assert auto_segments(1, 131072, 2048, 132) == 16
+    assert auto_segments(8, 131072, 2048, 132) == 16
+    assert auto_segments(32, 131072, 2048, 132) == 4
+    assert auto_segments(2048, 131072, 2048, 132) == 1
+    assert auto_segments(1, 6000, 2048, 132) == 1
+    assert auto_segments(1, 131072, 2048, 0) == 1
 
 
 def test_radix_topk_checks_its_input():
