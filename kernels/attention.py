@@ -101,11 +101,20 @@ def sdpa_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tenso
     return attn_mask.float()
 
 
+def indexer_dtype(activations: torch.dtype, parameters: torch.dtype) -> torch.dtype:
+    """The dtype a site's indexer computes its projections in: the activations' when they are
+    16-bit floats (a bf16 / fp16 model: DSA's low-precision scorer, on tensor cores on a GPU;
+    the fp32 parameters are cast per call, as autocast does), else the parameters'. Scores
+    accumulate in fp32 either way."""
+    return activations if activations in (torch.bfloat16, torch.float16) else parameters
+
+
 def index_keys(k: torch.Tensor, k_proj: torch.Tensor) -> torch.Tensor:
     """A site's keys ``k [B, Hkv, Lk, D]`` through its indexer's key projection: ``[B, Lk,
-    groups * DI]`` (what an indexer key cache holds per token)."""
+    groups * DI]`` in :func:`indexer_dtype` (what an indexer key cache holds per token)."""
     batch, kv_heads, lk, dim = k.shape
-    return k.transpose(1, 2).reshape(batch, lk, kv_heads * dim).to(k_proj.dtype) @ k_proj
+    dtype = indexer_dtype(k.dtype, k_proj.dtype)
+    return k.transpose(1, 2).reshape(batch, lk, kv_heads * dim).to(dtype) @ k_proj.to(dtype)
 
 
 def indexer_inputs(q: torch.Tensor, k: torch.Tensor, q_proj: torch.Tensor, k_proj: torch.Tensor,
@@ -113,8 +122,9 @@ def indexer_inputs(q: torch.Tensor, k: torch.Tensor, q_proj: torch.Tensor, k_pro
                    cached_keys: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A site's ``q [B, H, Lq, D]``, ``k [B, Hkv, Lk, D]`` through its indexer:
-    ``q_idx [B', Lq, HI, DI]``, ``k_idx [B', Lk, DI]``, ``weights [B', Lq, HI]`` (the indexer's
-    dtype; differentiable in the indexer parameters), ``B' = B``.
+    ``q_idx [B', Lq, HI, DI]``, ``k_idx [B', Lk, DI]`` (in :func:`indexer_dtype`),
+    ``weights [B', Lq, HI]`` (the parameters' dtype); differentiable in the indexer parameters;
+    ``B' = B``.
 
     ``per_kv_head``: the indexer holds one index head group per kv head (``q_proj [H * D,
     Hkv * HI * DI]``, ``k_proj [Hkv * D, Hkv * DI]``, ``head_weights [Hkv * HI]``, group g
@@ -126,9 +136,10 @@ def indexer_inputs(q: torch.Tensor, k: torch.Tensor, q_proj: torch.Tensor, k_pro
     kv_heads, lk = k.shape[1], k.shape[2]
     groups = kv_heads if per_kv_head else 1
     index_heads, index_dim = head_weights.shape[0], k_proj.shape[1] // groups
-    q_flat = q.transpose(1, 2).reshape(batch, lq, heads * dim).to(q_proj.dtype)
-    q_idx = (q_flat @ q_proj).view(batch, lq, index_heads, index_dim)
-    k_idx = index_keys(k, k_proj) if cached_keys is None else cached_keys.to(k_proj.dtype)
+    dtype = indexer_dtype(q.dtype, q_proj.dtype)
+    q_flat = q.transpose(1, 2).reshape(batch, lq, heads * dim).to(dtype)
+    q_idx = (q_flat @ q_proj.to(dtype)).view(batch, lq, index_heads, index_dim)
+    k_idx = index_keys(k, k_proj) if cached_keys is None else cached_keys.to(dtype)
     weights = head_weights.expand(batch, lq, index_heads)
     if groups == 1:
         return q_idx, k_idx, weights

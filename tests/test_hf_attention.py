@@ -261,3 +261,28 @@ def test_in_place_module_compile_makes_generate_sparse():
         model.generate(_ids(1, 20, 10), max_new_tokens=4, do_sample=False)
     assert counter.counts["dsa.sparse_attention"] == 2  # prefill, 2 layers
     assert counter.counts["dsa.decode_attention"] == 3 * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_indexer_scores_in_the_models_16_bit_dtype(dtype, monkeypatch):
+    """DSA's indexer is a low-precision scorer: in a bf16 / fp16 model its projections run in
+    the model's dtype (in fp32 they cost a bf16 Llama on the GPU fp32 GEMMs and a tf32 indexer
+    kernel), while its parameters stay fp32 (what calibration trains and adapters save); an
+    fp32 model scores in fp32."""
+    from dsa_compile.kernels import indexer as cpu_indexer
+
+    seen = []
+    real = cpu_indexer.indexer_topk
+
+    def spy(q_idx, k_idx, weights, *args):
+        seen.append((q_idx.dtype, k_idx.dtype, weights.dtype))
+        return real(q_idx, k_idx, weights, *args)
+
+    monkeypatch.setattr(cpu_indexer, "indexer_topk", spy)
+    model = tiny_model("llama", "sdpa").to(dtype)
+    with torch.no_grad():
+        out = dsa_compile.compile(model, mode="eager", **EXACT)(_ids(1, 40))[0]
+    assert seen and set(seen) == {(dtype, dtype, torch.float32)}
+    params = [p for indexer in indexers_of(model).values() for p in indexer.parameters()]
+    assert params and {p.dtype for p in params} == {torch.float32}
+    assert out.dtype == dtype and torch.isfinite(out).all()
