@@ -492,8 +492,14 @@ def bench_backward(dev, length: int = 32768) -> None:
                 {"mode": "key_major_split"}, {"mode": "key_major_split", "dq_block_k": 64},
                 {"mode": "key_major_split", "dq_num_warps": 8})
     best = (ms, "default")
+    default = tsa.sparse_attention_bwd(g, None, q, k, v, sel, out, lse, s["dim"] ** -0.5, None,
+                                       True, 0, 64)
     for tuning in variants:
         try:
+            grads = tsa.sparse_attention_bwd(g, None, q, k, v, sel, out, lse, s["dim"] ** -0.5,
+                                             None, True, 0, 64, tuning=tuning)
+            err = max(rel_err(got, want) for got, want in zip(grads[:3], default[:3], strict=True))
+            check(f"bwd {tuning} = default at L={length} (dq, dk, dv)", err, 2e-2)
             tuned = bench(lambda t=tuning: tsa.sparse_attention_bwd(
                 g, None, q, k, v, sel, out, lse, s["dim"] ** -0.5, None, True, 0, 64,
                 tuning=t), dev)
