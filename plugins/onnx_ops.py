@@ -176,7 +176,9 @@ def _schema(name: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, s
         name, DOMAIN, VERSION, doc,
         inputs=[formal(n, t) for n, t in inputs], outputs=[formal(n, t) for n, t in outputs],
         type_constraints=[("T", float_types, "floating inputs"),
-                          ("TB", float_types, "the bias")],
+                          ("TB", float_types, "the bias"),
+                          ("TW", float_types, "the indexer's head weights (fp32 parameters "
+                                              "beside 16-bit queries and keys)")],
         attributes=[onnx.defs.OpSchema.Attribute(n, t, required=n != "plugin_namespace")
                     for n, t in attributes] + [
             onnx.defs.OpSchema.Attribute("plugin_namespace", _STRING, "TensorRT plugin "
@@ -188,7 +190,8 @@ def register_schemas() -> None:
     """Declares the two ops to ONNX in this process (the exporter looks nodes up by schema)."""
     schemas = [
         _schema("IndexerTopK",
-                [("q_idx", "T"), ("k_idx", "T"), ("weights", "T"), ("key_mask", "tensor(bool)")],
+                [("q_idx", "T"), ("k_idx", "T"), ("weights", "TW"),
+                 ("key_mask", "tensor(bool)")],
                 [("indices", "tensor(int32)")],
                 [("topk", _INT), ("causal", _INT), ("q_offset", _INT), ("query_block", _INT)],
                 "top-k keys per query row of the lightning indexer (see dsa_compile.plugins)"),
