@@ -45,8 +45,7 @@ class CompiledKernel:
 
     def registers(self, arch: int = 90) -> tuple[int, int]:
         """``(registers a thread, bytes spilled to local memory)`` as ``ptxas -v`` reports
-        them for this PTX (register pressure is what a larger tile risks; spills cost more
-        than the atomics they save)."""
+        them for this PTX (register pressure is what a larger tile risks)."""
         return ptxas_usage(self.ptx, arch)
 
 
