@@ -482,7 +482,7 @@ def bench_backward(dev, length: int = 32768) -> None:
     record(f"sparse bwd L={length} query_block=64", ms, speedup_vs_sdpa_bwd=dense_ms / ms)
     record(f"SDPA flash bwd L={length}", dense_ms)
     # query-major with more rows a program (a key's dK / dV summed over more rows before its
-    # atomic add; 8 warps: 296 spilled bytes on sm_90 instead of 3 KB), then key-major: a
+    # atomic add; 8 warps: ~300 spilled bytes on sm_90 instead of 3 KB), then key-major: a
     # program owns 64 slots of a tile's row and sums their dK / dV over all its 256 query rows
     # (one atomic add per key and tile), dQ by atomics or by its own kernel (no atomics)
     variants = ({"num_warps": 8}, {"rows_target": 64}, {"rows_target": 128, "num_warps": 8},

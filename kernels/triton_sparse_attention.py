@@ -638,7 +638,8 @@ def backward_kv_config(group: int, query_block: int, dim: int, dim_v: int, causa
     """The key-major kernel's constants: ``rows_target`` query x head rows a step (default
     32), ``block_n`` slots a program (default 64), ``num_warps`` (default 8), ``num_stages``.
     The defaults are the sm_90 compile with the fewest register spills at Llama shapes (tiles
-    of 64 queries, GQA 4, D 128: 255 registers, 20-32 spilled bytes; 4 warps spill 9 KB)."""
+    of 64 queries, GQA 4, D 128: 255 registers, 20-32 spilled bytes; 4 warps spill 2 KB;
+    ``benchmarks/register_table.py``)."""
     tuning = tuning or {}
     tiling = Tiling(group, query_block, dim, dim_v, tuning.get("rows_target", 32))
     meta = dict(QUERY_BLOCK=query_block, QB=tiling.QB, GB=tiling.GB, D=dim, BDK=_pow2(dim),
