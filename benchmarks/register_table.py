@@ -31,12 +31,15 @@ ROWS = [
      {"mode": "query_major", "num_warps": 8}),
     ("backward query-major, tiles", "bwd", LLAMA_TILES, "256 rows, 8 warps",
      {"mode": "query_major", "rows_target": 256, "num_warps": 8}),
-    ("backward key-major, tiles", "bwd", LLAMA_TILES, "default (32 rows, 64 slots, 8 warps)",
+    ("backward key-major, tiles", "bwd", LLAMA_TILES, "32 rows, 64 slots, 8 warps",
+     {"mode": "key_major", "rows_target": 32, "num_warps": 8}),
+    ("backward key-major, tiles", "bwd", LLAMA_TILES, "default (64 rows, 64 slots, 4 warps)",
      {"mode": "key_major"}),
-    ("backward key-major, tiles", "bwd", LLAMA_TILES, "4 warps",
-     {"mode": "key_major", "num_warps": 4}),
-    ("backward key-major-split: dK / dV, dQ", "bwd", LLAMA_TILES, "defaults",
-     {"mode": "key_major_split"}),
+    ("backward key-major-split: dK / dV, dQ", "bwd", LLAMA_TILES,
+     "32 rows, 8 warps; dQ 32-key steps",
+     {"mode": "key_major_split", "rows_target": 32, "num_warps": 8, "dq_block_k": 32}),
+    ("backward key-major-split: dK / dV, dQ", "bwd", LLAMA_TILES,
+     "defaults (64 rows, 4 warps; dQ 64-key steps)", {"mode": "key_major_split"}),
 ]
 
 

@@ -19,17 +19,23 @@ from .dynamo_compat import compile_isolated
 
 log = logging.getLogger("dsa_compile")
 
+# A small Llama (head dim 64; attention is most of a long prefill): what ``dsa bench`` runs.
 MODEL_SHAPE = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
                    num_key_value_heads=4, intermediate_size=2816)
+# Llama-3-8B's layer shapes (head dim 128, GQA 4; its projections and MLP are ~60% of a 32K
+# prefill's FLOPs, which bounds what sparse attention can save).
+LLAMA_8B_SHAPE = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, intermediate_size=14336)
 
 
-def llama_model(layers: int, seed: int = 0) -> torch.nn.Module:
-    """A Llama-shaped decoder (random weights; no LM head: prefill hidden states)."""
+def llama_model(layers: int, seed: int = 0, shape: dict | None = None) -> torch.nn.Module:
+    """A Llama decoder of ``shape`` (default :data:`MODEL_SHAPE`) with ``layers`` layers (random
+    weights; no LM head: prefill hidden states)."""
     from transformers import LlamaConfig, LlamaModel
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=1000, max_position_embeddings=131072,
-                         attn_implementation="sdpa", **{**MODEL_SHAPE, "num_hidden_layers": layers})
+    config = LlamaConfig(vocab_size=1000, max_position_embeddings=131072, attn_implementation="sdpa",
+                         **{**(shape or MODEL_SHAPE), "num_hidden_layers": layers})
     return LlamaModel(config).eval()
 
 

@@ -77,21 +77,31 @@ def _jit_function(kernel) -> triton.JITFunction:
 
 
 def compile_kernel(kernel, pointer_types: dict[str, str], constants: dict, scalar_types:
-                   dict[str, str] | None = None, target: GPUTarget = HOPPER) -> CompiledKernel:
+                   dict[str, str] | None = None, target: GPUTarget = HOPPER,
+                   as_launched: bool = False) -> CompiledKernel:
     """Compiles ``kernel`` with every argument not in ``constants`` typed: pointers from
-    ``pointer_types`` (``"*bf16"``), floats from ``scalar_types``, the rest ``i32``."""
+    ``pointer_types`` (``"*bf16"``), floats from ``scalar_types``, the rest ``i32``.
+
+    ``as_launched``: declare pointers and integers divisible by 16, as Triton's launcher
+    specialises them for real tensors at the shapes that matter (16-byte aligned storage,
+    strides and sizes multiples of 16), to predict what the JIT builds: that specialisation
+    enables vectorised, pipelined (``cp.async``) loads that take shared memory (without it an
+    MLA variant compiled to 180 KB here and asked for 287 KB on an H200, run 6). A kernel shipped
+    ahead of time (the TensorRT plugin) must not assume it: its sizes are whatever comes."""
     fn = _jit_function(kernel)
     options = {k: constants[k] for k in ("num_warps", "num_stages") if k in constants}
     constexprs = {k: v for k, v in constants.items() if k not in options}
     signature = {}
-    for name in fn.arg_names:
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in pointer_types:
-            signature[name] = pointer_types[name]
-        else:
-            signature[name] = (scalar_types or {}).get(name, "i32")
-    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
+            continue
+        signature[name] = pointer_types.get(name) or (scalar_types or {}).get(name, "i32")
+        if as_launched and (signature[name].startswith("*") or signature[name] == "i32"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                              options=options)
     return CompiledKernel(fn.__name__, compiled.asm["ptx"], compiled.asm["cubin"],
                           compiled.metadata.shared, compiled.metadata.num_warps)
 
@@ -110,7 +120,7 @@ def sparse_attention_forward(dtype: torch.dtype, heads: int, kv_heads: int, dim:
     t = "*" + _TRITON_TYPES[dtype]
     pointers = dict(Q=t, K=t, V=t, IDX="*i32", BIAS=t, OUT=t, LSE="*fp32")
     return compile_kernel(tsa._sparse_attention_fwd, pointers, {**meta, **_UNIT_STRIDES},
-                          {"qk_scale": "fp32"}, target)
+                          {"qk_scale": "fp32"}, target, as_launched=True)
 
 
 _BACKWARD_POINTERS = dict(LSE="*fp32", DELTA="*fp32", DQ="*fp32", DK="*fp32", DV="*fp32",
@@ -133,17 +143,20 @@ def sparse_attention_backward(dtype: torch.dtype, heads: int, kv_heads: int, dim
     if mode == "query_major":
         _, meta = tsa.backward_config(group, query_block, dim, dim_v, causal, False, tuning)
         return [compile_kernel(tsa._sparse_attention_bwd, pointers,
-                               {**meta, **_BACKWARD_UNIT_STRIDES}, {"scale": "fp32"}, target)]
+                               {**meta, **_BACKWARD_UNIT_STRIDES}, {"scale": "fp32"}, target,
+                               as_launched=True)]
     split = mode == "key_major_split"
     _, meta = tsa.backward_kv_config(group, query_block, dim, dim_v, causal, False, not split,
                                      tuning)
     kernels = [compile_kernel(tsa._sparse_attention_bwd_kv, pointers,
-                              {**meta, **_BACKWARD_UNIT_STRIDES}, {"scale": "fp32"}, target)]
+                              {**meta, **_BACKWARD_UNIT_STRIDES}, {"scale": "fp32"}, target,
+                              as_launched=True)]
     if split:
         _, meta = tsa.backward_q_config(group, query_block, dim, dim_v, causal, False, tuning)
         unit = {k: v for k, v in _BACKWARD_UNIT_STRIDES.items() if k not in ("sdk_d", "sdv_d")}
         kernels.append(compile_kernel(tsa._sparse_attention_bwd_q, {**pointers, "DQ": t},
-                                      {**meta, **unit}, {"scale": "fp32"}, target))
+                                      {**meta, **unit}, {"scale": "fp32"}, target,
+                                      as_launched=True))
     return kernels
 
 
@@ -153,7 +166,7 @@ def radix_topk(target: GPUTarget = HOPPER) -> CompiledKernel:
     pointers = dict(scores="*fp32", out_values="*fp32", out_index="*i64")
     return compile_kernel(ttk.radix_topk_kernel, pointers,
                           {"BLOCK": ttk.BLOCK, "BINS": ttk.BINS, "num_warps": ttk.NUM_WARPS},
-                          target=target)
+                          target=target, as_launched=True)
 
 
 def indexer_scores(dtype: torch.dtype, index_heads: int, index_dim: int, query_block: int = 1,
@@ -164,10 +177,13 @@ def indexer_scores(dtype: torch.dtype, index_heads: int, index_dim: int, query_b
     t = "*" + _TRITON_TYPES[dtype]
     pointers = dict(Q=t, K=t, W="*fp32", KSCALE="*fp32", MASK="*u8", OUT="*fp32")
     return compile_kernel(tix._indexer_scores_kernel, pointers,
-                          {**meta, "sq_d": 1, "sk_d": 1, "so_s": 1}, target=target)
+                          {**meta, "sq_d": 1, "sk_d": 1, "so_s": 1}, target=target,
+                          as_launched=True)
 
 
-MLA_ALL_HEADS = {"rows_target": 128, "num_warps": 8}
+# All 128 MLA heads in one program, in 16-key steps: 217 KB of shared memory, ~5 KB of spills a
+# thread, 50 TFLOP/s on an H200 (run 6; in 32-key steps it asks for 287 KB: refused).
+MLA_ALL_HEADS = {"rows_target": 128, "block_k": 16, "num_warps": 8}
 
 STANDARD_CONFIGS = {
     # name: (heads, kv_heads, dim, dim_v, query_block)
@@ -186,16 +202,16 @@ def report() -> dict[str, dict]:
         out[f"sparse_attention/{name}"] = kernel
         out[f"sparse_attention_backward/{name}"], = sparse_attention_backward(
             torch.bfloat16, heads, kv_heads, dim, dim_v, qb, tuning={"mode": "query_major"})
-    # key-major backward at the shapes it is for (tile-shared selection): candidates for the
-    # next GPU session (benchmarks/gpu_check.py --only backward times them)
+    # key-major backward at the shapes it is for (tile-shared selection; key_major_split is the
+    # default, benchmarks/gpu_check.py --only backward times the modes)
     llama_tiles = STANDARD_CONFIGS["llama8b_tile64"]
     out["sparse_attention_backward_key_major/llama8b_tile64"], = sparse_attention_backward(
         torch.bfloat16, *llama_tiles, tuning={"mode": "key_major"})
     (out["sparse_attention_backward_key_major_split/llama8b_tile64"],
      out["sparse_attention_backward_dq/llama8b_tile64"]) = sparse_attention_backward(
         torch.bfloat16, *llama_tiles, tuning={"mode": "key_major_split"})
-    # MLA with all 128 heads in one program (K / V rows gathered once a query, not twice):
-    # a candidate for the next GPU session (benchmarks/gpu_check.py --only mla times it)
+    # MLA with all 128 heads in one program (K / V rows gathered once a query, not twice;
+    # benchmarks/gpu_check.py --only mla times it: 50 TFLOP/s in run 6)
     out["sparse_attention/mla_mqa_128_rows"] = sparse_attention_forward(
         torch.bfloat16, 128, 1, 576, 512, 1, tuning=MLA_ALL_HEADS)
     for qb in (1, 64):

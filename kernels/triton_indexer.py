@@ -22,13 +22,19 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import DSAInputError
 from .topk import topk_lowest_ties
 from .triton_topk import radix_topk
 
-# How a chunk's score rows are ranked: "torch" (torch.topk of k + 1, then the tie rule) or
-# "radix" (:mod:`.triton_topk`: one launch, ties by the same rule in the same pass). "torch" until the
-# radix selector is measured faster on a GPU (benchmarks/gpu_check.py times both).
-SELECTOR = "torch"
+# How a chunk's score rows are ranked: "torch" (torch.topk of k + 1, then the tie rule), "radix"
+# (:mod:`.triton_topk`: one launch, ties by the same rule in the same pass, no host sync) or
+# "auto": radix for fewer than RADIX_MAX_ROWS rows, torch.topk otherwise. Timed on an H200
+# (BENCHMARKS.md, run 7, decode at 128K): one row 0.45 ms radix vs 0.72 torch, 8 rows 0.48 vs
+# 0.42; prefill chunks of 2048 rows lose with radix beyond 32K keys (run 6). The cut between
+# 1 and 8 rows is not measured.
+SELECTORS = ("torch", "radix", "auto")
+SELECTOR = "auto"
+RADIX_MAX_ROWS = 4
 
 CHUNK_BYTES = 1 << 30
 DECODE_QUERIES = 8  # at most this many queries: the decode kernel (heads as rows)
@@ -195,7 +201,13 @@ def score_block(
     ``out [B, rows, >= keys]`` (fp32, any strides): one row per query, or with
     ``query_block > 1`` one row per tile (max over the tile's queries; ``t_begin`` must start
     a tile). ``k_scale [B, Lk]`` scales the logits of FP8 keys."""
-    batch, _, heads, dim = q_idx.shape
+    batch, lq, heads, dim = q_idx.shape
+    rows = queries if query_block == 1 else -(-queries // query_block)
+    if t_begin < 0 or t_begin + queries > lq or keys > k_idx.shape[1] or out.shape[-1] < keys \
+            or out.shape[-2] < rows:  # the kernels index without bounds on these
+        raise DSAInputError(
+            f"score_block: queries [{t_begin}, {t_begin + queries}) of {lq}, keys [0, {keys}) of "
+            f"{k_idx.shape[1]}, out {tuple(out.shape)} (needs >= {rows} rows x {keys} keys)")
     mask = key_mask.view(torch.uint8) if key_mask is not None else None
     strides = (*q_idx.stride(), *k_idx.stride(), *weights.stride(),
                *(k_scale.stride() if k_scale is not None else (0, 0)),
@@ -211,9 +223,9 @@ def score_block(
             *pointers, *strides, keys, t_begin, q_offset,
             HIP=max(16, triton.next_power_of_2(heads)), BN=128, **shared, num_warps=4)
         return out
-    rows = triton.cdiv(queries, meta["BQ"]) if query_block == 1 else triton.cdiv(queries, query_block)
+    programs = triton.cdiv(queries, meta["BQ"]) if query_block == 1 else rows
     kernel = launch(_indexer_scores_kernel) if launch is not None else _indexer_scores_kernel
-    kernel[(rows, triton.cdiv(keys, meta["BN"]), batch)](
+    kernel[(programs, triton.cdiv(keys, meta["BN"]), batch)](
         *pointers, *strides, queries, keys, t_begin, q_offset, **meta)
     return out
 
@@ -245,6 +257,15 @@ def indexer_scores_cuda(
         score_block(q_idx, k_idx, weights, out, 0, lq, lk, causal, q_offset, key_mask,
                     k_scale=k_scale, launch=launch)
     return out
+
+
+def selector(scores: torch.Tensor) -> str:
+    """The selector :data:`SELECTOR` names for a chunk of score rows ``[B, rows, n]``."""
+    if SELECTOR not in SELECTORS:
+        raise ValueError(f"triton_indexer.SELECTOR {SELECTOR!r}: expected one of {SELECTORS}")
+    if SELECTOR != "auto":
+        return SELECTOR
+    return "radix" if scores.shape[0] * scores.shape[1] < RADIX_MAX_ROWS else "torch"
 
 
 def indexer_topk_cuda(
@@ -280,7 +301,7 @@ def indexer_topk_cuda(
         score_block(q_idx, k_idx, weights, scores, t0, t1 - t0, end, causal, q_offset, key_mask,
                     query_block, k_scale)
         found = min(topk, end)
-        values, picked = (radix_topk(scores, found) if SELECTOR == "radix"
+        values, picked = (radix_topk(scores, found) if selector(scores) == "radix"
                           else topk_lowest_ties(scores, found))
         picked = picked.masked_fill_(torch.isneginf(values), -1)
         out[:, r0:r1, :found] = picked.to(torch.int32)

@@ -587,9 +587,10 @@ def sparse_attention_fwd(
 
 
 BACKWARD_MODES = ("query_major", "key_major", "key_major_split")
-# The work decomposition of the backward on CUDA; the key-major ones are opt-in until a GPU run
-# times them (``benchmarks/gpu_check.py --only backward``): a default is not changed on faith.
-BACKWARD_MODE = "query_major"
+# The work decomposition of the backward on CUDA. Timed on an H200 (BENCHMARKS.md, run 6: Llama-8B
+# shapes, 32K, top-2048, tiles of 64): query_major 121 ms, key_major 70 ms, key_major_split
+# 42 ms, SDPA flash's backward 69 ms (``benchmarks/gpu_check.py --only backward``).
+BACKWARD_MODE = "key_major_split"
 KEY_MAJOR_MAX_DIM = 256  # dK / dV of a slot block live in registers: heads up to 256 wide
 
 
@@ -636,15 +637,14 @@ def backward_kv_config(group: int, query_block: int, dim: int, dim_v: int, causa
                        has_bias: bool, with_dq: bool, tuning: dict | None = None
                        ) -> tuple[Tiling, dict]:
     """The key-major kernel's constants: ``rows_target`` query x head rows a step (default
-    32), ``block_n`` slots a program (default 64), ``num_warps`` (default 8), ``num_stages``.
-    The defaults are the sm_90 compile with the fewest register spills at Llama shapes (tiles
-    of 64 queries, GQA 4, D 128: 255 registers, 20-32 spilled bytes; 4 warps spill 2 KB;
-    ``benchmarks/register_table.py``)."""
+    64), ``block_n`` slots a program (default 64), ``num_warps`` (default 4), ``num_stages``.
+    The defaults are the fastest timed on an H200 (BENCHMARKS.md, run 7: Llama-8B shapes, 32K,
+    tiles of 64: 28.9 ms with the dQ kernel's defaults; 41.2 ms at 32 rows and 8 warps)."""
     tuning = tuning or {}
-    tiling = Tiling(group, query_block, dim, dim_v, tuning.get("rows_target", 32))
+    tiling = Tiling(group, query_block, dim, dim_v, tuning.get("rows_target", 64))
     meta = dict(QUERY_BLOCK=query_block, QB=tiling.QB, GB=tiling.GB, D=dim, BDK=_pow2(dim),
                 DV_=dim_v, BDV=tiling.BDV, BN=tuning.get("block_n", 64), CAUSAL=causal,
-                HAS_BIAS=has_bias, WITH_DQ=with_dq, num_warps=tuning.get("num_warps", 8),
+                HAS_BIAS=has_bias, WITH_DQ=with_dq, num_warps=tuning.get("num_warps", 4),
                 num_stages=tuning.get("num_stages", 1))
     return tiling, meta
 
@@ -652,11 +652,11 @@ def backward_kv_config(group: int, query_block: int, dim: int, dim_v: int, causa
 def backward_q_config(group: int, query_block: int, dim: int, dim_v: int, causal: bool,
                       has_bias: bool, tuning: dict | None = None) -> tuple[Tiling, dict]:
     """The dQ kernel's constants (``key_major_split``): ``dq_rows_target`` (default 64),
-    ``dq_block_k`` (default 32: ~120 spilled bytes on sm_90 at Llama shapes, ~970 at 64),
-    ``dq_num_warps``, ``dq_num_stages``."""
+    ``dq_block_k`` (default 64: 30.3 vs 31.8 ms for 32 on an H200, run 7), ``dq_num_warps``,
+    ``dq_num_stages``."""
     tuning = tuning or {}
     tiling = Tiling(group, query_block, dim, dim_v, tuning.get("dq_rows_target", 64),
-                    tuning.get("dq_block_k", 32))
+                    tuning.get("dq_block_k", 64))
     meta = dict(QUERY_BLOCK=query_block, QB=tiling.QB, GB=tiling.GB, D=dim, BDK=_pow2(dim),
                 DV_=dim_v, BDV=tiling.BDV, BK=tiling.BK, CAUSAL=causal, HAS_BIAS=has_bias,
                 num_warps=tuning.get("dq_num_warps", 4),

@@ -115,9 +115,8 @@ def weight_covariance(wq: torch.Tensor, wk: torch.Tensor, heads: int, kv_heads: 
     return c_k / c_k.trace().clamp_min(1e-12) + c_q / c_q.trace().clamp_min(1e-12)
 
 
-def _basis_from_weights(wq: torch.Tensor, wk: torch.Tensor, heads: int, kv_heads: int,
-                        dim: int, index_dim: int) -> torch.Tensor:
-    cov = weight_covariance(wq, wk, heads, kv_heads, dim)
+def top_eigenvectors(cov: torch.Tensor, index_dim: int) -> torch.Tensor:
+    """The ``index_dim`` leading eigenvectors of ``cov`` as columns, largest first."""
     _, vectors = torch.linalg.eigh(cov)
     return vectors[:, -index_dim:].flip(-1)
 
@@ -174,16 +173,18 @@ def initial_indexer(
     index_heads = min(index_heads, heads)
     weights = wq is not None and wk is not None
     planes: tuple[int, ...] = ()
+    # The [Hkv*D, Hkv*D] covariance is formed where the weights live (a GPU's float64 GEMMs);
+    # the basis is solved on the CPU whatever that device, so it does not depend on it.
+    cov = weight_covariance(wq, wk, heads, kv_heads, dim).cpu() if weights else \
+        torch.eye(kv_heads * dim, dtype=torch.float64)
     if rotary and dim % 2 == 0:
-        cov = weight_covariance(wq, wk, heads, kv_heads, dim) if weights else \
-            torch.eye(kv_heads * dim, dtype=torch.float64)
         basis, planes = rotary_basis(cov, kv_heads, dim, index_dim)
         source = (f"weights, RoPE-aware (top-{len(planes)} rotary-plane eigenvector pairs of "
                   "Wk Wk^T + Wq Wq^T; commutes with RoPE)" if weights else
                   f"coordinates, RoPE-aware ({len(planes)} whole rotary planes; no q/k "
                   "projection found upstream)")
     elif weights:
-        basis = _basis_from_weights(wq, wk, heads, kv_heads, dim, index_dim)
+        basis = top_eigenvectors(cov, index_dim)
         source = f"weights (top-{index_dim} eigenvectors of Wk Wk^T + Wq Wq^T)"
     else:
         basis = torch.eye(kv_heads * dim, dtype=torch.float64)[:, :index_dim]
