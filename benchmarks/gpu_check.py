@@ -564,7 +564,8 @@ def report_kernels() -> None:
 def bench_end_to_end(dev, lengths: list[int], shapes: list[str], layers: int = 4) -> None:
     """The issue's goals: >= 2x Inductor at 32K, >= 4x at 128K. First the rewritten model with
     top-k = L (every key selected, so it must equal the dense model), then the timings."""
-    _end_to_end_at(dev, 4096, layers, "small", topk=4096)
+    for family in sorted({"-plain" if shape.endswith("-plain") else "" for shape in shapes}):
+        _end_to_end_at(dev, 4096, layers, "small" + family, topk=4096)
     for shape in shapes:
         for length in lengths:
             _end_to_end_at(dev, length, layers, shape)
@@ -572,12 +573,16 @@ def bench_end_to_end(dev, lengths: list[int], shapes: list[str], layers: int = 4
 
 
 def _end_to_end_at(dev, length: int, layers: int, shape: str, topk: int = 2048) -> None:
+    """``shape``: ``small`` / ``8b`` (HF Llama), ``small-plain`` / ``8b-plain`` (the same layers
+    in plain PyTorch, SDPA with ``is_causal``: dense flash, the best dense baseline)."""
     from dsa_compile.backend import make_backend
-    from dsa_compile.bench import LLAMA_8B_SHAPE, MODEL_SHAPE, llama_model
+    from dsa_compile.bench import LLAMA_8B_SHAPE, MODEL_SHAPE, bench_model
     from dsa_compile.config import DSAConfig
 
-    model_shape = {"small": MODEL_SHAPE, "8b": LLAMA_8B_SHAPE}[shape]
-    model = llama_model(layers, shape=model_shape).to(device=dev, dtype=torch.bfloat16)
+    plain = shape.endswith("-plain")
+    size = shape.removesuffix("-plain")
+    model_shape = MODEL_SHAPE if size == "small" else LLAMA_8B_SHAPE
+    model = bench_model("plain" if plain else "hf", layers, size).to(device=dev, dtype=torch.bfloat16)
     ids = torch.randint(0, 1000, (1, length), device=dev)
     # min_seq_len 0: sparse even where top-k covers every key (the exactness check)
     config = DSAConfig(key_block=0, query_block=64, topk=topk, min_seq_len=0)
@@ -588,7 +593,8 @@ def _end_to_end_at(dev, length: int, layers: int, shape: str, topk: int = 2048) 
         compiled = torch.compile(model, backend=backend, dynamic=False)
         start = time.perf_counter()
         with torch.no_grad():
-            outputs[name] = compiled(ids).last_hidden_state.float()
+            out = compiled(ids)
+            outputs[name] = (out if plain else out.last_hidden_state).float()
         torch.cuda.synchronize()
         warm = time.perf_counter() - start
         with torch.no_grad():
@@ -637,8 +643,10 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
     parser.add_argument("--e2e-lengths", type=int, nargs="+", default=[32768, 131072],
                         help="prefill lengths of the compiled-model comparison")
-    parser.add_argument("--e2e-shapes", nargs="+", default=["8b", "small"], choices=["8b", "small"],
-                        help="model shapes of the compiled-model comparison (dsa_compile.bench)")
+    parser.add_argument("--e2e-shapes", nargs="+", default=["8b", "8b-plain"],
+                        choices=["8b", "small", "8b-plain", "small-plain"],
+                        help="models of the compiled-model comparison: HF Llama of "
+                        "dsa_compile.bench's shapes, or '-plain' (dsa_compile.plain_model)")
     parser.add_argument("--only", nargs="*", default=None, help="section names to run: correct "
                         "e2e layer backward mla decode flex ceilings")
     parser.add_argument("--budget-s", type=float, default=float("inf"),

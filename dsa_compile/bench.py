@@ -1,5 +1,7 @@
 """``dsa bench``: end-to-end prefill of a Llama-shaped model, ``backend="dsa"`` against
-``backend="inductor"`` (dense) in the same run, with a ratio table and a PNG plot."""
+``backend="inductor"`` (dense) in the same run, with a ratio table and a PNG plot; on the CPU
+(fp32) or a GPU (bf16), the HF Llama or the same layers in plain PyTorch
+(:mod:`.plain_model`)."""
 
 from __future__ import annotations
 
@@ -40,63 +42,96 @@ def llama_model(layers: int, seed: int = 0, shape: dict | None = None) -> torch.
 
 
 def best_time(fn, repeats: int) -> float:
-    """The fastest of ``repeats`` calls of ``fn``, in seconds."""
+    """The fastest of ``repeats`` calls of ``fn``, in seconds (a CUDA device synchronised
+    around each, so its queued kernels count)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     best = float("inf")
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def _time_backend(model, backend, lengths: list[int], repeats: int) -> list[tuple[float, float]]:
-    """(best seconds, warm-up seconds) per length for one backend (compiled once, dynamic)."""
-    compiled = compile_isolated(model, backend=backend, dynamic=True)
+def _time_backend(model, backend, lengths: list[int], repeats: int,
+                  device: torch.device) -> list[tuple[float, float]]:
+    """(best seconds, warm-up seconds) per length for one backend: compiled once with dynamic
+    shapes on the CPU, once per length on a GPU (static shapes, as serving compiles)."""
+    compiled = compile_isolated(model, backend=backend, dynamic=device.type == "cpu")
     times = []
     with torch.no_grad():
         for length in lengths:
-            ids = torch.randint(0, 1000, (1, length), generator=torch.Generator().manual_seed(length))
-            start = time.perf_counter()
-            compiled(ids)  # compile / warm up outside the timed region
-            warm = time.perf_counter() - start
+            ids = torch.randint(0, 1000, (1, length),
+                                generator=torch.Generator().manual_seed(length)).to(device)
+            warm = best_time(lambda i=ids: compiled(i), 1)  # compile / warm up, not timed
             times.append((best_time(lambda i=ids: compiled(i), repeats), warm))
     return times
 
 
+MODELS = ("hf", "plain")
+SHAPES = ("small", "8b")
+
+
+def bench_model(kind: str, layers: int, shape: str) -> torch.nn.Module:
+    """The benchmarked decoder: ``kind`` "hf" (transformers' Llama) or "plain"
+    (:mod:`.plain_model`), ``shape`` "small" (:data:`MODEL_SHAPE`) or "8b"
+    (:data:`LLAMA_8B_SHAPE`), ``layers`` layers, random weights."""
+    from .plain_model import plain_decoder
+
+    if kind not in MODELS or shape not in SHAPES:
+        raise ValueError(f"model must be one of {MODELS} and shape one of {SHAPES}, got "
+                         f"{kind!r}, {shape!r}")
+    dims = MODEL_SHAPE if shape == "small" else LLAMA_8B_SHAPE
+    return llama_model(layers, shape=dims) if kind == "hf" else plain_decoder(layers, dims)
+
+
 def run_bench(lengths: list[int], layers: int = 8, repeats: int = 2,
               config: DSAConfig | None = None,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+              progress: Callable[[str], None] | None = None, device: str | None = None,
+              model: str = "hf", shape: str = "small") -> dict[str, Any]:
     """Times prefill at each length with both backends, one backend after the other.
 
-    ``progress`` gets a line per step (default: the ``dsa_compile`` logger at INFO).
+    ``device``: "cpu" (fp32) or "cuda" (bf16); default the GPU when there is one. ``model``,
+    ``shape``: see :func:`bench_model`. ``progress`` gets a line per step (default: the
+    ``dsa_compile`` logger at INFO).
     """
     if not lengths or min(lengths) < 1 or layers < 1 or repeats < 1:
         raise ValueError(f"lengths, layers and repeats must be >= 1, got lengths={lengths}, "
                          f"layers={layers}, repeats={repeats}")
+    where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("dsa bench --device cuda: no CUDA device here")
+    dtype = torch.bfloat16 if where.type == "cuda" else torch.float32
     config = config or DSAConfig()
     progress = progress or (lambda line: log.info("%s", line))
-    model = llama_model(layers)
-    dense = _time_backend(model, "inductor", lengths, repeats)
+    net = bench_model(model, layers, shape).to(where, dtype)
+    dense = _time_backend(net, "inductor", lengths, repeats, where)
     progress("dense: " + ", ".join(f"{n}: {t:.2f} s" for n, (t, _) in zip(lengths, dense, strict=True)))
-    sparse = _time_backend(model, make_backend(config), lengths, repeats)
+    sparse = _time_backend(net, make_backend(config), lengths, repeats, where)
     rows = []
     for length, (t_dense, _), (t_sparse, _) in zip(lengths, dense, sparse, strict=True):
         rows.append({"tokens": length, "inductor_s": t_dense, "dsa_s": t_sparse,
                      "speedup": t_dense / t_sparse})
         progress(f"{length:>6} tokens: inductor {t_dense:.2f} s, dsa {t_sparse:.2f} s, "
                  f"{t_dense / t_sparse:.2f}x")
+    dims = MODEL_SHAPE if shape == "small" else LLAMA_8B_SHAPE
     return {"date": str(datetime.date.today()), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "model": {**MODEL_SHAPE, "num_hidden_layers": layers},
-            "config": _resolved(config), "rows": rows}
+            "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu",
+            "dtype": str(dtype).removeprefix("torch."),
+            "model": {"kind": model, **dims, "num_hidden_layers": layers},
+            "config": _resolved(config, where), "rows": rows}
 
 
-def _resolved(config: DSAConfig) -> dict[str, Any]:
-    """The options as run on the CPU (per-device defaults filled in)."""
+def _resolved(config: DSAConfig, device: torch.device) -> dict[str, Any]:
+    """The options as run on ``device`` (per-device defaults filled in)."""
     from .kernels.attention import granularity
 
     options = dict(vars(config))
     options["query_block"], options["key_block"] = granularity(
-        torch.device("cpu"), config.query_block, config.key_block, config.topk)
+        device, config.query_block, config.key_block, config.topk)
     return options
 
 
@@ -115,8 +150,9 @@ def save(result: dict[str, Any], out: Path) -> list[Path]:
     paths = [out.with_name(f"{out.name}.{suffix}") for suffix in ("json", "md", "png")]
     out.parent.mkdir(parents=True, exist_ok=True)
     paths[0].write_text(json.dumps(result, indent=2))
-    meta = (f"{result['date']}, torch {result['torch']}, {result['threads']} CPU threads, "
-            f"model {result['model']}, dsa config {result['config']}")
+    device = result.get("device", "cpu")
+    meta = (f"{result['date']}, torch {result['torch']}, {device} ({result.get('dtype', 'float32')}), "
+            f"{result['threads']} CPU threads, model {result['model']}, dsa config {result['config']}")
     paths[1].write_text(f"{meta}\n\n{render_table(result)}\n")
     tokens = [r["tokens"] for r in result["rows"]]
     fig = Figure(figsize=(6.4, 4.2))
@@ -127,7 +163,7 @@ def save(result: dict[str, Any], out: Path) -> list[Path]:
     ax.set_xticks(tokens, [f"{t // 1024}K" if t >= 1024 else str(t) for t in tokens])
     ax.set_xlabel("prefill tokens")
     ax.set_ylabel("speed-up over dense Inductor (x)")
-    ax.set_title(f"Llama-shaped prefill on CPU ({result['model']['num_hidden_layers']} layers)")
+    ax.set_title(f"Llama-shaped prefill on {device} ({result['model']['num_hidden_layers']} layers)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(paths[2], dpi=120)

@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=positive_int, default=2,
                        help="timed runs per length (the best counts)")
     bench.add_argument("--topk", type=positive_int, default=2048, help="keys each query attends to")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                       help="where to run (fp32 on the CPU, bf16 on a GPU; default: the GPU "
+                            "when there is one)")
+    bench.add_argument("--model", choices=["hf", "plain"], default="hf",
+                       help="transformers' Llama, or the same layers in plain PyTorch (SDPA "
+                            "with is_causal: the best dense baseline)")
+    bench.add_argument("--shape", choices=["small", "8b"], default="small",
+                       help="hidden 1024 / 16 heads of 64, or Llama-8B's layers")
     bench.add_argument("--out", metavar="PREFIX",
                        help="write PREFIX.md, PREFIX.json and PREFIX.png (e.g. "
                             "results/llama_prefill); without it nothing is written")
@@ -206,7 +214,8 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import render_table, run_bench, save
 
     config = DSAConfig(topk=args.topk)
-    result = run_bench(args.lengths, args.layers, args.repeats, config, progress=print)
+    result = run_bench(args.lengths, args.layers, args.repeats, config, progress=print,
+                       device=args.device, model=args.model, shape=args.shape)
     print(render_table(result))
     if args.out is not None:
         written = save(result, Path(args.out))

@@ -57,7 +57,8 @@ def to_deepseek_v32(model: torch.nn.Module, index_n_heads: int = 64, index_head_
                                                 index_head_dim=index_head_dim,
                                                 index_topk=index_topk)
     new_config.architectures = ["DeepseekV32ForCausalLM"]
-    converted = transformers.DeepseekV32ForCausalLM(new_config).to(model.dtype).eval()
+    device = next(model.parameters()).device  # where the V3 model lives, the V32 one does
+    converted = transformers.DeepseekV32ForCausalLM(new_config).to(device, model.dtype).eval()
     missing, unexpected = converted.load_state_dict(model.state_dict(), strict=False)
     stray = [k for k in missing if ".indexer." not in k]
     if stray or unexpected:
@@ -85,11 +86,12 @@ def init_indexers(model: torch.nn.Module, mean_hidden: list[torch.Tensor] | None
         lora = config.kv_lora_rank
         wkb = attn.kv_b_proj.weight.float().view(heads, nope + config.v_head_dim, lora)[:, :nope]
         # RoPE part: exact (shared rotary key, the group's summed rotary queries).
-        wk = torch.zeros(idim, wkv.shape[1])
+        device = wkv.device  # the layer's (a GPU's for a model loaded there)
+        wk = torch.zeros(idim, wkv.shape[1], device=device)
         wk[:rope] = _interleaved_to_half(wkv[lora:lora + rope])
-        wq_b = torch.zeros(ih, idim, wq.shape[2])
+        wq_b = torch.zeros(ih, idim, wq.shape[2], device=device)
         # No-RoPE part: sum_h q_nope_h . k_nope_h = q_resid^T M h (the latent's RMSNorm aside).
-        total = torch.zeros(wq.shape[2], wkv.shape[1])
+        total = torch.zeros(wq.shape[2], wkv.shape[1], device=device)
         per_group = []
         for j in range(ih):
             members = range(j * group, min(heads, (j + 1) * group))
@@ -107,7 +109,7 @@ def init_indexers(model: torch.nn.Module, mean_hidden: list[torch.Tensor] | None
         index.wk.weight.copy_(wk)
         index.k_norm.reset_parameters()
         mean = None if mean_hidden is None else mean_hidden[number].float()
-        direction = torch.zeros(wkv.shape[1]) if mean is None else \
+        direction = torch.zeros(wkv.shape[1], device=device) if mean is None else \
             mean / mean.square().sum().clamp_min(1e-12)
         index.weights_proj.weight.copy_(direction.expand(ih, -1))
 
@@ -180,7 +182,7 @@ def calibrate_v32(model, batches: list[torch.Tensor], steps: int = 100, lr: floa
             ids = batches[step % len(batches)]
             captured, probs = _dense_run(model, ids)
             length = ids.shape[1]
-            causal = torch.ones(length, length, dtype=torch.bool).tril()[None]
+            causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()[None]
             total, recall = 0.0, 0.0
             for layer, (hidden, pos), target in zip(layers, captured, probs, strict=True):
                 topk = min(layer.self_attn.indexer.index_topk, length)
@@ -212,15 +214,15 @@ def indexer_recall(model, ids: torch.Tensor) -> dict[str, list[float]]:
     model's own indexer selects, and on a random selection of as many visible keys."""
     captured, probs = _dense_run(model, ids)
     length = ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()[None]
-    gen = torch.Generator().manual_seed(0)
+    causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()[None]
+    gen = torch.Generator().manual_seed(0)  # on the CPU: the same random baseline on any device
     chosen, random, best = [], [], []
     with torch.no_grad():
         for layer, (hidden, pos), target in zip(model.model.layers, captured, probs, strict=True):
             topk = min(layer.self_attn.indexer.index_topk, length)
             scores = _indexer_scores(layer, hidden, pos, causal)
             chosen.append(float(target.gather(-1, scores.topk(topk, -1).indices).sum(-1).mean()))
-            noise = torch.rand(scores.shape, generator=gen).masked_fill(~causal, -1.0)
+            noise = torch.rand(scores.shape, generator=gen).to(scores.device).masked_fill(~causal, -1.0)
             random.append(float(target.gather(-1, noise.topk(topk, -1).indices).sum(-1).mean()))
             best.append(float(target.topk(topk, -1).values.sum(-1).mean()))
     return {"indexer": chosen, "random": random, "best": best}

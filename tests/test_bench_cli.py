@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from dsa_compile import DSAConfig
 from dsa_compile.bench import render_table, run_bench, save
@@ -29,3 +30,24 @@ def test_bench_runs_both_backends_and_writes_outputs(tmp_path, monkeypatch):
 def test_bench_rejects_empty_work(lengths, layers, repeats):
     with pytest.raises(ValueError, match="must be >= 1"):
         run_bench(lengths, layers, repeats)
+
+
+def test_bench_times_the_plain_pytorch_model_too(monkeypatch):
+    """``--model plain``: the same layers without transformers (SDPA with ``is_causal``); the
+    result says which model and device it measured."""
+    monkeypatch.setattr("dsa_compile.bench.MODEL_SHAPE", dict(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128))
+    result = run_bench([64], layers=1, repeats=1, config=DSAConfig(topk=16, mode="eager"),
+                       progress=lambda _: None, device="cpu", model="plain")
+    assert result["model"]["kind"] == "plain" and result["model"]["hidden_size"] == 64
+    assert (result["device"], result["dtype"]) == ("cpu", "float32")
+    assert result["rows"][0]["dsa_s"] > 0
+
+
+def test_bench_names_what_it_cannot_run():
+    with pytest.raises(ValueError, match="model must be one of"):
+        run_bench([64], layers=1, repeats=1, device="cpu", model="gpt")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            run_bench([64], layers=1, repeats=1, device="cuda")
