@@ -1,12 +1,16 @@
 """Decode speed: per-token latency of the Llama-shaped model of ``dsa bench`` (8 layers, hidden
-1024, 16 / 4 heads of 64) at long context, batch 1, fp32 on the CPU: dense SDPA against
-``attn_implementation="dsa"`` with the indexer key cache, in the same run. The KV cache is
-filled with random keys and values (speed does not depend on what they hold); the dsa cache's
-indexer keys are projected once when it is filled, as a prefill would. Also one layer's
+1024, 16 / 4 heads of 64) at long context, batch 1, fp32 on the CPU (bf16 on a GPU): dense SDPA
+against ``attn_implementation="dsa"`` with the indexer key cache, in the same run. The KV cache
+is filled with random keys and values (speed does not depend on what they hold); the dsa
+cache's indexer keys are projected once when it is filled, as a prefill would. Also one layer's
 attention alone (SDPA vs ``dsa_attention`` with cached indexer keys).
 
     python benchmarks/decode.py [--contexts 32768 65536] [--topk 2048] [--cache static|dynamic]
-                                [--compile] [--out benchmarks/results]
+                                [--compile [--compile-mode reduce-overhead]] [--device cuda]
+                                [--layers N] [--out benchmarks/results]
+
+On a GPU a batch-1 step is a few dozen small launches; ``--compile --compile-mode
+reduce-overhead`` replays each compiled step as a CUDA graph (not yet run on a GPU).
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import argparse
 import datetime
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -41,9 +44,10 @@ def filled_cache(model, context: int, dsa: bool, kind: str = "static", room: int
     if dsa:
         cache = dsa_compile.index_cache(model, cache)
     gen = torch.Generator().manual_seed(seed)
+    weight = next(model.parameters())
     for layer in range(config.num_hidden_layers):
-        k = torch.randn(1, kv_heads, context, dim, generator=gen)
-        v = torch.randn(1, kv_heads, context, dim, generator=gen)
+        k = torch.randn(1, kv_heads, context, dim, generator=gen).to(weight.device, weight.dtype)
+        v = torch.randn(1, kv_heads, context, dim, generator=gen).to(weight.device, weight.dtype)
         cache.update(k, v, layer)
     for module in model.modules():  # filling is not an attention call: nothing to hand over
         if hasattr(module, "pending_keys"):
@@ -55,24 +59,26 @@ def step_time(model, cache, context: int, steps: int, forward=None) -> float:
     """Seconds per decode step (the fastest of ``steps``; the context grows by one each);
     ``forward``: what runs the step (default: the model itself, eager)."""
     forward = forward or model
+    device = next(model.parameters()).device
     times = []
     for i in range(steps):
-        ids, position = torch.tensor([[7 + i]]), torch.tensor([[context + i]])
-        start = time.perf_counter()
-        forward(input_ids=ids, past_key_values=cache, position_ids=position,
-                cache_position=position[0], use_cache=True)
-        times.append(time.perf_counter() - start)
+        ids = torch.tensor([[7 + i]], device=device)
+        position = torch.tensor([[context + i]], device=device)
+        times.append(best_time(lambda i=ids, p=position: forward(
+            input_ids=i, past_key_values=cache, position_ids=p, cache_position=p[0],
+            use_cache=True), 1))
     return min(times)
 
 
-def attention_times(context: int, topk: int, repeats: int) -> tuple[float, float]:
+def attention_times(context: int, topk: int, repeats: int, device: torch.device,
+                    dtype: torch.dtype) -> tuple[float, float]:
     heads, kv_heads = MODEL_SHAPE["num_attention_heads"], MODEL_SHAPE["num_key_value_heads"]
     dim = MODEL_SHAPE["hidden_size"] // heads
-    q = torch.randn(1, heads, 1, dim)
-    k, v = torch.randn(1, kv_heads, context, dim), torch.randn(1, kv_heads, context, dim)
-    q_proj = torch.randn(heads * dim, 4 * 32) / dim
-    k_proj = torch.randn(kv_heads * dim, 32) / dim
-    weights = torch.ones(4)
+    q = torch.randn(1, heads, 1, dim, device=device, dtype=dtype)
+    k, v = (torch.randn(1, kv_heads, context, dim, device=device, dtype=dtype) for _ in range(2))
+    q_proj = torch.randn(heads * dim, 4 * 32, device=device) / dim
+    k_proj = torch.randn(kv_heads * dim, 32, device=device) / dim
+    weights = torch.ones(4, device=device)
     cached = index_keys(k, k_proj)
     rounds = [(best_time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
                          repeats),
@@ -120,14 +126,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", choices=["static", "dynamic"], default="static")
     parser.add_argument("--compile", action="store_true",
                         help="also time each step compiled by Inductor (static cache only)")
+    parser.add_argument("--compile-mode", choices=["default", "reduce-overhead"], default="default",
+                        help="torch.compile mode of --compile (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="fp32 on the CPU, bf16 on a GPU")
+    parser.add_argument("--layers", type=int, default=MODEL_SHAPE["num_hidden_layers"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     if args.compile and args.cache != "static":
         parser.error("--compile needs --cache static (a static step's shapes never change)")
-    dense = llama_model(MODEL_SHAPE["num_hidden_layers"])
-    sparse = llama_model(MODEL_SHAPE["num_hidden_layers"])  # same seed: same weights
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dense = llama_model(args.layers).to(device, dtype)
+    sparse = llama_model(args.layers).to(device, dtype)  # same seed: same weights
     sparse.set_attn_implementation("dsa")
-    dsa_compile.configure(sparse, torch.randint(0, 1000, (1, 64)), topk=args.topk)
+    dsa_compile.configure(sparse, torch.randint(0, 1000, (1, 64), device=device), topk=args.topk)
     rows = []
     with torch.no_grad():
         for context in args.contexts:
@@ -141,11 +154,11 @@ def main(argv: list[str] | None = None) -> None:
                 for name, model, cache in (("sdpa", dense, None), ("dsa", sparse, dsa_cache)):
                     cache = cache or filled_cache(dense, context, False, args.cache)
                     torch.compiler.reset()
-                    forward = torch.compile(model.forward)
+                    forward = torch.compile(model.forward, mode=args.compile_mode)
                     step_time(model, cache, context, 2, forward)
                     compiled[name] = step_time(model, cache, context, args.steps, forward)
             del dsa_cache
-            attn_sdpa, attn_dsa = attention_times(context, args.topk, args.steps)
+            attn_sdpa, attn_dsa = attention_times(context, args.topk, args.steps, device, dtype)
             rows.append(dict(context=context, sdpa_step_ms=1e3 * sdpa_step,
                              dsa_step_ms=1e3 * dsa_step, step_speedup=sdpa_step / dsa_step,
                              attention_sdpa_ms=1e3 * attn_sdpa, attention_dsa_ms=1e3 * attn_dsa,
@@ -159,9 +172,10 @@ def main(argv: list[str] | None = None) -> None:
     lines = ["# Decode: per-token latency, dsa (indexer key cache) vs SDPA", "",
              f"{datetime.date.today()}, {platform.machine()}, {torch.get_num_threads()} "
              f"threads, torch {torch.__version__}, dsa-compile {dsa_compile.__version__}; "
-             f"Llama-shaped ({MODEL_SHAPE}), batch 1, fp32, topk {args.topk}, CPU default "
-             f"granularity, {args.cache} KV cache. Command: `python benchmarks/decode.py "
-             f"--cache {args.cache}{' --compile' if args.compile else ''}`", "",
+             f"Llama-shaped ({MODEL_SHAPE}, {args.layers} layers), batch 1, {dtype}, "
+             f"{args.device}, topk {args.topk}, default granularity, {args.cache} KV cache. "
+             f"Command: `python benchmarks/decode.py --cache {args.cache} --device {args.device}"
+             f"{' --compile --compile-mode ' + args.compile_mode if args.compile else ''}`", "",
              "| context | SDPA step (ms) | dsa step (ms) | step speed-up | attention SDPA (ms) "
              "| attention dsa (ms) | attention speed-up | indexer key cache (MiB) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -179,9 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"decode_{args.cache}.md").write_text(text)
-    (args.out / f"decode_{args.cache}.json").write_text(json.dumps(rows, indent=1))
-    plot(rows, args.out / f"decode_{args.cache}.png")
+    name = f"decode_{args.cache}" + ("" if args.device == "cpu" else f"_{args.device}")
+    (args.out / f"{name}.md").write_text(text)
+    (args.out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, args.out / f"{name}.png")
 
 
 if __name__ == "__main__":

@@ -512,6 +512,15 @@ def bench_backward(dev, length: int = 32768) -> None:
             log(f"   backward variant {tuning} failed: {err!r}"[:300])
     record(f"  fastest sparse bwd L={length}: {best[1]}", best[0],
            speedup_vs_sdpa_bwd=dense_ms / best[0])
+    # exact per-query selection (query_block 1): the modes were chosen at 64-query tiles; with one
+    # query a row a key-major program sums a key's dK / dV over only the group's 4 heads
+    sel = tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, 0, None, 1)
+    out, lse = tsa.sparse_attention_fwd(q, k, v, sel, s["dim"] ** -0.5, None, True, 0, 1)
+    for mode in tsa.BACKWARD_MODES:
+        ms = bench(lambda m=mode: tsa.sparse_attention_bwd(
+            g, None, q, k, v, sel, out, lse, s["dim"] ** -0.5, None, True, 0, 1,
+            tuning={"mode": m}), dev)
+        record(f"  sparse bwd L={length} query_block=1, {mode}", ms, speedup_vs_sdpa_bwd=dense_ms / ms)
 
 
 @section("FlexAttention with the same block selection")

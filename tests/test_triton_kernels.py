@@ -93,12 +93,18 @@ def test_sparse_attention_forward_matches_reference(name, monkeypatch):
     torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=1e-4)
 
 
+QUERY_MAJOR = {"mode": "query_major"}
+
+
 @pytest.mark.parametrize("name,tuning", [
-    ("mha causal", None), ("gqa4 bias", None), ("gqa8 tile4", None),
-    ("d80 tile3 head-bias", None), ("long rows", None), ("long rows tile2 bias", None),
+    # the default (key_major_split; MLA's wide heads fall back to query_major)
+    ("gqa8 tile4", None), ("gqa128 mqa (MLA-like)", None),
+    ("mha causal", QUERY_MAJOR), ("gqa4 bias", QUERY_MAJOR), ("gqa8 tile4", QUERY_MAJOR),
+    ("d80 tile3 head-bias", QUERY_MAJOR), ("long rows", QUERY_MAJOR),
+    ("long rows tile2 bias", QUERY_MAJOR),
     # more rows a program (the gpu_check sweep): several sub-tiles and head blocks merge
-    ("gqa4 tile16", None), ("gqa4 tile16", {"rows_target": 64}),
-    ("gqa4 tile16", {"rows_target": 128, "num_warps": 8}),
+    ("gqa4 tile16", QUERY_MAJOR), ("gqa4 tile16", {**QUERY_MAJOR, "rows_target": 64}),
+    ("gqa4 tile16", {**QUERY_MAJOR, "rows_target": 128, "num_warps": 8}),
     # key-major: a program's slot block summed over several row chunks (sub-tiles, head
     # blocks), several slot blocks a row, dQ by atomics or by its own kernel
     ("gqa4 tile16", {"mode": "key_major"}), ("gqa4 tile16", {"mode": "key_major", "rows_target": 16}),

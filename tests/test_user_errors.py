@@ -120,8 +120,8 @@ FAKE_RESULT = {"date": "2025-01-01", "torch": "x", "threads": 1, "model": {"num_
 def test_bench_writes_files_only_under_out(tmp_path, monkeypatch, capsys):
     calls = []
 
-    def fake_run_bench(lengths, layers, repeats, config, progress):
-        calls.append((lengths, layers, repeats, config.topk))
+    def fake_run_bench(lengths, layers, repeats, config, progress, device, model, shape):
+        calls.append((lengths, layers, repeats, config.topk, device, model, shape))
         return FAKE_RESULT
 
     monkeypatch.setattr("dsa_compile.bench.run_bench", fake_run_bench)
@@ -131,7 +131,10 @@ def test_bench_writes_files_only_under_out(tmp_path, monkeypatch, capsys):
     code, out, _ = run_cli(["bench", "--lengths", "64", "--layers", "1", "--repeats", "1",
                             "--topk", "16"], capsys)
     assert code == 0 and "| 64 | 1.00 | 0.50 | 2.00x |" in out
-    assert calls == [([64], 1, 1, 16)]
+    assert calls == [([64], 1, 1, 16, None, "hf", "small")]  # device None: the GPU if any
+    run_cli(["bench", "--lengths", "64", "--device", "cpu", "--model", "plain", "--shape", "8b"],
+            capsys)
+    assert calls[-1][4:] == ("cpu", "plain", "8b")
     assert list(cwd.iterdir()) == []  # nothing written without --out
 
     code, out, _ = run_cli(["bench", "--lengths", "64", "--out", str(tmp_path / "res" / "run.v2")],
