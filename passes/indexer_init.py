@@ -175,10 +175,11 @@ def initial_indexer(
     planes: tuple[int, ...] = ()
     # The [Hkv*D, Hkv*D] covariance is formed where the weights live (a GPU's float64 GEMMs);
     # the basis is solved on the CPU whatever that device, so it does not depend on it.
-    cov = weight_covariance(wq, wk, heads, kv_heads, dim).cpu() if weights else \
-        torch.eye(kv_heads * dim, dtype=torch.float64)
+    cov = weight_covariance(wq, wk, heads, kv_heads, dim).cpu() if weights else None
     if rotary and dim % 2 == 0:
-        basis, planes = rotary_basis(cov, kv_heads, dim, index_dim)
+        basis, planes = rotary_basis(
+            cov if weights else torch.eye(kv_heads * dim, dtype=torch.float64), kv_heads, dim,
+            index_dim)
         source = (f"weights, RoPE-aware (top-{len(planes)} rotary-plane eigenvector pairs of "
                   "Wk Wk^T + Wq Wq^T; commutes with RoPE)" if weights else
                   f"coordinates, RoPE-aware ({len(planes)} whole rotary planes; no q/k "
