@@ -8,7 +8,11 @@
 2. Ceilings: device-to-device copy bandwidth and a bf16 8192^3 matmul rate.
 3. Speed (``triton.testing.do_bench`` medians) against SDPA (flash) in the same run: sparse
    attention at MLA shapes (TFLOP/s, tuning variants), the DSA layer at 8K-128K (Llama-8B-like
-   shapes), a decode step at 128K, backward, FlexAttention with the same block selection.
+   shapes), a decode step at 128K, backward (every mode, tiles and per query), FlexAttention
+   with the same block selection.
+4. The compiled model (``--only e2e``): ``torch.compile(backend="dsa")`` against Inductor on 4
+   Llama-8B-shaped layers, HF's Llama and the same layers in plain PyTorch
+   (``--e2e-shapes``), after a check that with top-k = L it equals the dense model; profiled.
 
     python benchmarks/gpu_check.py --out DIR            # on a CUDA machine
     TRITON_INTERPRET=1 python benchmarks/gpu_check.py --dry-run   # plumbing check on CPU
