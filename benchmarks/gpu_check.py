@@ -488,9 +488,9 @@ def bench_backward(dev, length: int = 32768) -> None:
     record(f"sparse bwd L={length} query_block=64", ms, speedup_vs_sdpa_bwd=dense_ms / ms)
     record(f"SDPA flash bwd L={length}", dense_ms)
     # query-major with more rows a program (a key's dK / dV summed over more rows before its
-    # atomic add), then key-major: a
-    # program owns 64 slots of a tile's row and sums their dK / dV over all its 256 query rows
-    # (one atomic add per key and tile), dQ by atomics or by its own kernel (no atomics)
+    # atomic add), then key-major: a program owns 64 slots of a tile's row and sums their dK /
+    # dV over all its 256 query rows (one atomic add per key and tile), dQ by atomics or by its
+    # own kernel (no atomics)
     qm, km, split = ({"mode": m} for m in tsa.BACKWARD_MODES)
     variants = (qm, {**qm, "rows_target": 128, "num_warps": 8}, {**qm, "rows_target": 256, "num_warps": 8},
                 km, {**km, "rows_target": 64}, {**km, "num_warps": 4},
@@ -589,12 +589,12 @@ def _end_to_end_at(dev, length: int, layers: int, shape: str, topk: int = 2048) 
     """``shape``: ``small`` / ``8b`` (HF Llama), ``small-plain`` / ``8b-plain`` (the same layers
     in plain PyTorch, SDPA with ``is_causal``: dense flash, the best dense baseline)."""
     from dsa_compile.backend import make_backend
-    from dsa_compile.bench import LLAMA_8B_SHAPE, MODEL_SHAPE, bench_model
+    from dsa_compile.bench import bench_model, shape_dims
     from dsa_compile.config import DSAConfig
 
     plain = shape.endswith("-plain")
     size = shape.removesuffix("-plain")
-    model_shape = MODEL_SHAPE if size == "small" else LLAMA_8B_SHAPE
+    model_shape = shape_dims(size)
     model = bench_model("plain" if plain else "hf", layers, size).to(device=dev, dtype=torch.bfloat16)
     ids = torch.randint(0, 1000, (1, length), device=dev)
     # min_seq_len 0: sparse even where top-k covers every key (the exactness check)

@@ -74,16 +74,23 @@ MODELS = ("hf", "plain")
 SHAPES = ("small", "8b")
 
 
+def shape_dims(shape: str) -> dict:
+    """The layer sizes a shape name stands for: "small" :data:`MODEL_SHAPE`, "8b"
+    :data:`LLAMA_8B_SHAPE` (read at call time, so a patched ``MODEL_SHAPE`` counts)."""
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    return MODEL_SHAPE if shape == "small" else LLAMA_8B_SHAPE
+
+
 def bench_model(kind: str, layers: int, shape: str) -> torch.nn.Module:
     """The benchmarked decoder: ``kind`` "hf" (transformers' Llama) or "plain"
     (:mod:`.plain_model`), ``shape`` "small" (:data:`MODEL_SHAPE`) or "8b"
     (:data:`LLAMA_8B_SHAPE`), ``layers`` layers, random weights."""
     from .plain_model import plain_decoder
 
-    if kind not in MODELS or shape not in SHAPES:
-        raise ValueError(f"model must be one of {MODELS} and shape one of {SHAPES}, got "
-                         f"{kind!r}, {shape!r}")
-    dims = MODEL_SHAPE if shape == "small" else LLAMA_8B_SHAPE
+    if kind not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {kind!r}")
+    dims = shape_dims(shape)
     return llama_model(layers, shape=dims) if kind == "hf" else plain_decoder(layers, dims)
 
 
@@ -102,7 +109,8 @@ def run_bench(lengths: list[int], layers: int = 8, repeats: int = 2,
                          f"layers={layers}, repeats={repeats}")
     where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if where.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("dsa bench --device cuda: no CUDA device here")
+        raise ValueError("dsa bench --device cuda: torch sees no CUDA device here; run with "
+                         "--device cpu, or on a machine with a GPU and a CUDA build of torch")
     dtype = torch.bfloat16 if where.type == "cuda" else torch.float32
     config = config or DSAConfig()
     progress = progress or (lambda line: log.info("%s", line))
@@ -116,7 +124,7 @@ def run_bench(lengths: list[int], layers: int = 8, repeats: int = 2,
                      "speedup": t_dense / t_sparse})
         progress(f"{length:>6} tokens: inductor {t_dense:.2f} s, dsa {t_sparse:.2f} s, "
                  f"{t_dense / t_sparse:.2f}x")
-    dims = MODEL_SHAPE if shape == "small" else LLAMA_8B_SHAPE
+    dims = shape_dims(shape)
     return {"date": str(datetime.date.today()), "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu",

@@ -48,6 +48,8 @@ def test_bench_times_the_plain_pytorch_model_too(monkeypatch):
 def test_bench_names_what_it_cannot_run():
     with pytest.raises(ValueError, match="model must be one of"):
         run_bench([64], layers=1, repeats=1, device="cpu", model="gpt")
+    with pytest.raises(ValueError, match="shape must be one of"):
+        run_bench([64], layers=1, repeats=1, device="cpu", shape="70b")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             run_bench([64], layers=1, repeats=1, device="cuda")
