@@ -7,7 +7,7 @@ attention alone (SDPA vs ``dsa_attention`` with cached indexer keys).
 
     python benchmarks/decode.py [--contexts 32768 65536] [--topk 2048] [--cache static|dynamic]
                                 [--compile [--compile-mode reduce-overhead]] [--device cuda]
-                                [--layers N] [--out benchmarks/results]
+                                [--layers N] [--selector cooperative] [--out benchmarks/results]
 
 On a GPU a batch-1 step is a few dozen small launches; ``--compile --compile-mode
 reduce-overhead`` replays each compiled step as a CUDA graph (not yet run on a GPU).
@@ -131,11 +131,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="fp32 on the CPU, bf16 on a GPU")
     parser.add_argument("--layers", type=int, default=MODEL_SHAPE["num_hidden_layers"])
+    parser.add_argument("--selector", default=None,
+                        choices=("torch", "radix", "cooperative", "threshold", "auto"),
+                        help="the GPU top-k selector (triton_indexer.SELECTOR; default: its "
+                        "default)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     if args.compile and args.cache != "static":
         parser.error("--compile needs --cache static (a static step's shapes never change)")
     device = torch.device(args.device)
+    if args.selector:  # Triton is optional: imported only when asked for
+        from dsa_compile.kernels import triton_indexer
+
+        triton_indexer.SELECTOR = args.selector
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dense = llama_model(args.layers).to(device, dtype)
     sparse = llama_model(args.layers).to(device, dtype)  # same seed: same weights

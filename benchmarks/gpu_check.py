@@ -37,10 +37,16 @@ import triton
 
 from dsa_compile.kernels import triton_indexer as tix
 from dsa_compile.kernels import triton_sparse_attention as tsa
+from dsa_compile.kernels import triton_topk_threshold as ttt
 from dsa_compile.kernels.reference import indexer_scores_reference, sparse_attention_reference
 from dsa_compile.kernels.topk import topk_lowest_ties
 from dsa_compile.kernels.triton_aot import MLA_ALL_HEADS
 from dsa_compile.kernels.triton_topk import radix_topk, radix_topk_kernel
+from dsa_compile.kernels.triton_topk_cooperative import (
+    cooperative_finish_kernel,
+    cooperative_round_kernel,
+    cooperative_topk,
+)
 
 RESULTS: dict = {"checks": [], "bench": [], "errors": []}
 STARTED = time.perf_counter()
@@ -246,6 +252,45 @@ def check_indexer(dev, dtype, small: bool) -> None:
             want_index.masked_fill(torch.isneginf(want_values), -1).sort(-1).values)
         check(f"radix_topk k={k} segments={segments or 'auto'} = topk_lowest_ties (values, key "
               "sets)", 0.0 if same else 1.0, 0.5)
+    # the cooperative selector: many programs a row racing on the same histograms and counter
+    long_rows = torch.randn(8, 5000 if small else 131072, device=dev, generator=gen).relu()
+    long_rows[1, 3000:] = float("-inf")
+    long_rows[2] = long_rows[2].round(decimals=1)  # ties everywhere
+    cases = ((2, 300, 3), (3, 1, None)) if small else \
+        ((1, 2048, None), (8, 2048, None), (2, 300, 37), (8, 1, None))
+    for count, k, slices in cases:
+        part = long_rows[:count]
+        values, index = cooperative_topk(part, k, slices=slices)
+        want_values, want_index = topk_lowest_ties(part, k)
+        same = torch.equal(values, want_values) and torch.equal(
+            index.masked_fill(torch.isneginf(values), -1).sort(-1).values,
+            want_index.masked_fill(torch.isneginf(want_values), -1).sort(-1).values)
+        check(f"cooperative_topk {count} x {long_rows.shape[1]} k={k} slices={slices or 'auto'} "
+              "= topk_lowest_ties (values, key sets)", 0.0 if same else 1.0, 0.5)
+    # the threshold selector: rows of ReLU scores, of ties, of -inf, ordered along the row
+    rows_t = torch.randn(4 if small else 64, 6000 if small else 65536, device=dev,
+                         generator=gen).relu()
+    rows_t[1, 3000:] = float("-inf")
+    rows_t[2] = rows_t[2].round(decimals=1)
+    rows_t[3] = torch.arange(rows_t.shape[1], device=dev, dtype=torch.float32)
+    for k in (300,) if small else (1, 300, 2048):
+        done = torch.empty(rows_t.shape[0], dtype=torch.int8, device=dev)
+        index = torch.empty(1, rows_t.shape[0], k, dtype=torch.int64, device=dev)
+        ttt.threshold_topk_into(rows_t[None], k, index, done)
+        want_values, want_index = topk_lowest_ties(rows_t, k)
+        got_values = rows_t.gather(-1, index[0].clamp_min(0)).masked_fill(index[0] < 0,
+                                                                          float("-inf"))
+        same = torch.equal(got_values, want_values) and torch.equal(
+            index[0].masked_fill(torch.isneginf(got_values), -1).sort(-1).values,
+            want_index.masked_fill(torch.isneginf(want_values), -1).sort(-1).values)
+        check(f"threshold_topk {rows_t.shape[0]} x {rows_t.shape[1]} k={k} = topk_lowest_ties "
+              f"(values, key sets; {int(done.sum())} rows settled in one pass)",
+              0.0 if same else 1.0, 0.5)
+    if not small:  # 64 rows of 5000, one slice each (the interpreter's sort of 2048 is slow)
+        values, index = cooperative_topk(rows, 2048)
+        same = torch.equal(values, topk_lowest_ties(rows, 2048)[0])
+        check("cooperative_topk 64 x 5000 k=2048 = topk_lowest_ties (values)",
+              0.0 if same else 1.0, 0.5)
     if dev.type == "cuda":  # FP8 keys and queries with per-token key scales (DeepGEMM's form)
         b, lq, hi, di = 1, 256, 8, 64
         q = torch.randn(b, lq, hi, di, device=dev, generator=gen)
@@ -418,10 +463,29 @@ def _bench_layer_at(dev, length: int, query_blocks) -> None:
     radix_ms = bench(lambda: radix_topk(buf, s["topk"]), dev)
     record(f"  radix_topk (kernels/triton_topk.py) of {chunk} rows x {length}", radix_ms,
            speedup_vs_tie_rule=ms / radix_ms)
+    coop_ms = bench(lambda: cooperative_topk(buf, s["topk"]), dev)
+    record(f"  cooperative_topk (kernels/triton_topk_cooperative.py) of {chunk} rows x {length}",
+           coop_ms, speedup_vs_tie_rule=ms / coop_ms)
+    # the threshold selector: one pass a row over a sampled floor, the misses to the radix rounds
+    picked = torch.empty(1, chunk, s["topk"], dtype=torch.int32, device=dev)
+    done = torch.empty(chunk, dtype=torch.int8, device=dev)
+    tuned = {"BLOCK": ttt.BLOCK, "NUM_WARPS": ttt.NUM_WARPS}
+    for block, warps in ((ttt.BLOCK, ttt.NUM_WARPS), (2048, 8), (4096, 8), (1024, 4), (2048, 16)):
+        ttt.BLOCK, ttt.NUM_WARPS = block, warps
+        try:
+            ttt.threshold_topk_into(buf, s["topk"], picked, done)
+            thr_ms = bench(lambda: ttt.threshold_topk_into(buf, s["topk"], picked, done), dev)
+            record(f"  threshold_topk (kernels/triton_topk_threshold.py) of {chunk} rows x {length}"
+                   f", BLOCK {block}, {warps} warps", thr_ms, speedup_vs_tie_rule=ms / thr_ms,
+                   settled_in_one_pass=float(done.float().mean()))
+        except Exception as err:  # noqa: BLE001  (a config that does not fit is a finding)
+            log(f"   threshold BLOCK {block} warps {warps} failed: {err!r}"[:300])
+        finally:
+            ttt.BLOCK, ttt.NUM_WARPS = tuned["BLOCK"], tuned["NUM_WARPS"]
     selectors = {}
     default = tix.SELECTOR
     try:
-        for selector in ("torch", "radix"):  # exact per-query selection, whole sequence
+        for selector in ("torch", "radix", "cooperative", "threshold"):  # per-query selection
             tix.SELECTOR = selector
             selectors[selector] = tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, 0, None, 1)
             ms = bench(lambda: tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, 0, None, 1), dev,
@@ -429,8 +493,10 @@ def _bench_layer_at(dev, length: int, query_blocks) -> None:
             record(f"  indexer + top-k, per query, L={length}, selector={selector}", ms)
     finally:  # later sections run the default selector whatever happened here
         tix.SELECTOR = default
-    same = torch.equal(selectors["torch"].sort(-1).values, selectors["radix"].sort(-1).values)
-    check(f"radix selector = torch selector (key sets), L={length}", 0.0 if same else 1.0, 0.5)
+    for name in ("radix", "cooperative", "threshold"):
+        same = torch.equal(selectors["torch"].sort(-1).values, selectors[name].sort(-1).values)
+        check(f"{name} selector = torch selector (key sets), L={length}", 0.0 if same else 1.0,
+              0.5)
 
 
 @section("decode step at long context")
@@ -453,22 +519,72 @@ def bench_decode(dev, context: int, batch: int = 8) -> None:
     # one radix program a row would be B programs (one SM for B=1): rows cut into slices
     radix_ms = bench(lambda: radix_topk(scores, s["topk"]), dev)
     radix_one_ms = bench(lambda: radix_topk(scores, s["topk"], segments=1), dev)
-    default, by_selector = tix.SELECTOR, {}
+    coop_ms = bench(lambda: cooperative_topk(scores, s["topk"]), dev)
+    default, by_selector, graphed = tix.SELECTOR, {}, {}
     try:
-        for name in ("torch", "radix"):
+        for name in ("torch", "radix", "cooperative"):
             tix.SELECTOR = name
             by_selector[name] = bench(lambda: tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, off,
                                                                     None, 1), dev)
+        for name in ("radix", "cooperative"):  # sync-free: the whole step in one CUDA graph
+            tix.SELECTOR = name
+            graphed[name] = graphed_decode_step(name, q, k, v, qi, ki, w, off, dev)
     finally:
         tix.SELECTOR = default
+    sdpa_graph_ms = bench(graph_of(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)),
+                          dev)
+    record(f"SDPA decode B={batch} context={context}, CUDA graph", sdpa_graph_ms)
+    for name, ms in graphed.items():
+        record(f"  DSA decode B={batch} context={context}, selector {name}, CUDA graph", ms,
+               speedup=sdpa_graph_ms / ms, speedup_vs_eager_sdpa=sdpa_ms / ms)
     total = topk_ms + attn_ms
     record(f"DSA decode B={batch} context={context}, selector {default}", total,
            speedup=sdpa_ms / total, indexer_topk_ms=topk_ms, sparse_ms=attn_ms, scores_ms=score_ms,
            torch_topk_ms=plain_ms, radix_topk_ms=radix_ms, radix_topk_unsliced_ms=radix_one_ms,
+           cooperative_topk_ms=coop_ms,
            **{f"sparse_splits{n}_ms": t for n, t in splits.items()})
     for name, ms in by_selector.items():
         record(f"  DSA decode B={batch} context={context}, selector {name}", ms + attn_ms,
                speedup=sdpa_ms / (ms + attn_ms), indexer_topk_ms=ms)
+
+
+def graph_of(step):
+    """``step`` captured in a CUDA graph (after a warm-up that compiles its kernels): the replay."""
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def graphed_decode_step(name: str, q, k, v, qi, ki, w, off: int, dev) -> float:
+    """Milliseconds of one decode step (indexer, selection, sparse attention) replayed from a CUDA
+    graph, after checking the replay's output equals an eager step's."""
+    s = LLAMA
+    result = {}
+
+    def step():
+        sel = tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, off, None, 1)
+        result["out"] = tsa.sparse_attention_fwd(q, k, v, sel, s["dim"] ** -0.5, None, True, off,
+                                                 1)[0]
+
+    eager = tsa.sparse_attention_fwd(q, k, v, tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, off,
+                                                                     None, 1),
+                                     s["dim"] ** -0.5, None, True, off, 1)[0]
+    try:
+        replay = graph_of(step)
+    except Exception as err:  # noqa: BLE001  (a selector a graph cannot hold is a finding)
+        log(f"   decode step with selector {name} not capturable: {err!r}"[:300])
+        return float("nan")
+    replay()
+    check(f"decode step in a CUDA graph = eager, selector {name}", rel_err(result["out"], eager),
+          1e-3)
+    return bench(replay, dev)
 
 
 @section("backward vs SDPA backward")
@@ -558,7 +674,8 @@ def bench_flex(dev, length: int = 32768, block: int = 128) -> None:
 def report_kernels() -> None:
     """Reads Triton's cache: what the compiler made of each dsa kernel specialisation."""
     kernels = [tsa._sparse_attention_fwd, tsa._sparse_attention_bwd, tsa._sparse_attention_bwd_kv,
-               tsa._sparse_attention_bwd_q, tix._indexer_scores_kernel, radix_topk_kernel]
+               tsa._sparse_attention_bwd_q, tix._indexer_scores_kernel, radix_topk_kernel,
+               cooperative_round_kernel, cooperative_finish_kernel, ttt.threshold_topk_kernel]
     for fn in kernels:
         for caches in getattr(fn, "device_caches", {}).values():
             for key, compiled in caches[0].items():

@@ -22,6 +22,8 @@ from triton.compiler import ASTSource
 from . import triton_indexer as tix
 from . import triton_sparse_attention as tsa
 from . import triton_topk as ttk
+from . import triton_topk_cooperative as ttc
+from . import triton_topk_threshold as ttt
 
 HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SHARED_BYTES = 232448  # per block, opt-in maximum of sm_90 (227 KiB)
@@ -169,6 +171,40 @@ def radix_topk(target: GPUTarget = HOPPER) -> CompiledKernel:
                           target=target, as_launched=True)
 
 
+def cooperative_topk(k: int = 2048, slices: int = 128, target: GPUTarget = HOPPER
+                     ) -> dict[str, CompiledKernel]:
+    """The cooperative top-k's kernels (:mod:`.triton_topk_cooperative`: three radix rounds,
+    the write, the finish that sorts ``k``) as :func:`.triton_topk_cooperative.cooperative_topk`
+    launches them."""
+    sizes = {"BLOCK": ttc.BLOCK, "BINS": ttc.BINS, "LAST_BINS": ttc.LAST_BINS,
+             "num_warps": ttc.NUM_WARPS}
+    rows = dict(scores="*fp32", workspace="*i32", own="*i32", skip="*i8")
+    sizes["HAS_SKIP"] = False
+    kernels = {f"round{r}": compile_kernel(ttc.cooperative_round_kernel, rows,
+                                           {**sizes, "ROUND": r}, target=target,
+                                           as_launched=True) for r in range(3)}
+    kernels["write"] = compile_kernel(
+        ttc.cooperative_write_kernel, {**rows, "pairs": "*i64"},
+        {**sizes, "SLICES": triton.next_power_of_2(slices)}, target=target, as_launched=True)
+    kernels["finish"] = compile_kernel(
+        ttc.cooperative_finish_kernel,
+        dict(scores="*fp32", pairs="*i64", out_values="*fp32", out_index="*i32", skip="*i8"),
+        {"KP": triton.next_power_of_2(k), "HAS_VALUES": False, "MISSING_AS_MINUS_ONE": True,
+         "HAS_SKIP": False,
+         "num_warps": ttc.NUM_WARPS}, target=target, as_launched=True)
+    return kernels
+
+
+def threshold_topk(k: int = 2048, target: GPUTarget = HOPPER) -> CompiledKernel:
+    """The threshold top-k kernel (:mod:`.triton_topk_threshold`) as
+    :func:`.triton_topk_threshold.threshold_topk_into` launches it for ``k``."""
+    pointers = dict(scores="*fp32", pairs="*i64", out_index="*i32", done="*i8")
+    return compile_kernel(ttt.threshold_topk_kernel, pointers,
+                          {"CAP": ttt.capacity(k), "SAMPLE_RUNS": ttt.SAMPLE_RUNS, "RUN": ttt.RUN,
+                           "BLOCK": ttt.BLOCK, "num_warps": ttt.NUM_WARPS},
+                          target=target, as_launched=True)
+
+
 def indexer_scores(dtype: torch.dtype, index_heads: int, index_dim: int, query_block: int = 1,
                    causal: bool = True, target: GPUTarget = HOPPER) -> CompiledKernel:
     """The indexer-scores kernel as :func:`.triton_indexer.score_block` launches it for
@@ -217,6 +253,8 @@ def report() -> dict[str, dict]:
     for qb in (1, 64):
         out[f"indexer_scores/qb{qb}"] = indexer_scores(torch.bfloat16, 8, 64, qb)
     out["radix_topk"] = radix_topk()
+    out.update({f"cooperative_topk/{name}": kernel for name, kernel in cooperative_topk().items()})
+    out["threshold_topk"] = threshold_topk()
     report = {}
     for name, kernel in out.items():
         registers, spilled = kernel.registers()

@@ -25,14 +25,19 @@ import triton.language as tl
 from .checks import DSAInputError
 from .topk import topk_lowest_ties
 from .triton_topk import radix_topk
+from .triton_topk_cooperative import cooperative_topk_into
+from .triton_topk_threshold import threshold_topk_into
 
 # How a chunk's score rows are ranked: "torch" (torch.topk of k + 1, then the tie rule), "radix"
-# (:mod:`.triton_topk`: one launch, ties by the same rule in the same pass, no host sync) or
-# "auto": radix for fewer than RADIX_MAX_ROWS rows, torch.topk otherwise. Timed on an H200
+# (:mod:`.triton_topk`: one launch, ties by the same rule in the same pass, no host sync),
+# "cooperative" (:mod:`.triton_topk_cooperative`: many programs a row, six launches; for decode's
+# few long rows), "threshold" (:mod:`.triton_topk_threshold`: one pass a row over a sampled
+# floor; for prefill chunks) -- these two write the int32 indices themselves and are not yet
+# timed -- or "auto": radix for fewer than RADIX_MAX_ROWS rows, torch.topk otherwise. Timed on an H200
 # (BENCHMARKS.md, run 7, decode at 128K): one row 0.45 ms radix vs 0.72 torch, 8 rows 0.48 vs
 # 0.42; prefill chunks of 2048 rows lose with radix beyond 32K keys (run 6). The cut between
 # 1 and 8 rows is not measured.
-SELECTORS = ("torch", "radix", "auto")
+SELECTORS = ("torch", "radix", "cooperative", "threshold", "auto")
 SELECTOR = "auto"
 RADIX_MAX_ROWS = 4
 
@@ -301,7 +306,12 @@ def indexer_topk_cuda(
         score_block(q_idx, k_idx, weights, scores, t0, t1 - t0, end, causal, q_offset, key_mask,
                     query_block, k_scale)
         found = min(topk, end)
-        values, picked = (radix_topk(scores, found) if selector(scores) == "radix"
+        choice = selector(scores)
+        if choice in ("cooperative", "threshold"):  # int32 indices, -1 for -inf, in place
+            into = cooperative_topk_into if choice == "cooperative" else threshold_topk_into
+            into(scores, found, out[:, r0:r1, :found])
+            continue
+        values, picked = (radix_topk(scores, found) if choice == "radix"
                           else topk_lowest_ties(scores, found))
         picked = picked.masked_fill_(torch.isneginf(values), -1)
         out[:, r0:r1, :found] = picked.to(torch.int32)

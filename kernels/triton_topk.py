@@ -41,12 +41,18 @@ def _ordered_key(x):
 
 
 @triton.jit
+def _row_pointer(scores, row, rows_per_batch, stride_batch, stride_row):
+    """Start of row ``row`` of ``[B, rows_per_batch, n]`` scores with any batch and row strides."""
+    batch = row // rows_per_batch
+    return scores + batch.to(tl.int64) * stride_batch \
+        + (row - batch * rows_per_batch).to(tl.int64) * stride_row
+
+
+@triton.jit
 def radix_topk_kernel(scores, out_values, out_index, n, k, rows_per_batch, stride_batch,
                       stride_row, stride_out, BLOCK: tl.constexpr, BINS: tl.constexpr):
     row = tl.program_id(0)
-    batch = row // rows_per_batch
-    base = scores + batch.to(tl.int64) * stride_batch \
-        + (row - batch * rows_per_batch).to(tl.int64) * stride_row
+    base = _row_pointer(scores, row, rows_per_batch, stride_batch, stride_row)
     offs = tl.arange(0, BLOCK)
     bins = tl.arange(0, BINS)
     prefix = tl.zeros((1,), dtype=tl.int64)  # the k-th best key, one byte more each pass

@@ -58,6 +58,10 @@ TRITON_TESTS = ("tests/test_triton_kernels.py", "-k", "not compile_for_hopper")
 TRITON_BACKWARD_TESTS = ("tests/test_triton_kernels.py", "-k", "backward")
 INDEXER_TESTS = ("tests/test_indexer.py",)
 TSA = "kernels/triton_sparse_attention.py"
+COOP = "kernels/triton_topk_cooperative.py"
+COOP_TESTS = ("tests/test_triton_kernels.py", "-k", "cooperative")
+THR = "kernels/triton_topk_threshold.py"
+THR_TESTS = ("tests/test_triton_kernels.py", "-k", "threshold")
 GUARD_TESTS = ("tests/test_guards.py",)
 PATTERN_TESTS = ("tests/test_guards.py", "tests/test_patterns.py")
 
@@ -101,9 +105,14 @@ MUTATIONS: list[Mutation] = [
              "        tie_rank = ties + tl.sum(equal.to(tl.int32)) - tl.cumsum(equal.to(tl.int32), "
              "axis=0)", ("tests/test_triton_kernels.py", "-k", "radix")),
     Mutation("radix top-k: the batch stride ignored", "kernels/triton_topk.py",
-             "    base = scores + batch.to(tl.int64) * stride_batch \\\n",
-             "    base = scores + 0 * stride_batch \\\n",
+             "    return scores + batch.to(tl.int64) * stride_batch \\\n",
+             "    return scores + 0 * stride_batch \\\n",
              ("tests/test_triton_kernels.py", "-k", "radix")),
+    *(Mutation(f"{family} top-k: the batch stride ignored", "kernels/triton_topk.py",
+               "    return scores + batch.to(tl.int64) * stride_batch \\\n",
+               "    return scores + 0 * stride_batch \\\n",
+               ("tests/test_triton_kernels.py", "-k", f"{family}_topk_selects"))
+      for family in ("cooperative", "threshold")),
     Mutation("radix top-k: the k-th byte chosen one too low", "kernels/triton_topk.py",
              "        chosen = tl.max(tl.where(at_least >= wanted, bins, 0))",
              "        chosen = tl.maximum(tl.max(tl.where(at_least >= wanted, bins, 0)) - 1, 0)",
@@ -112,6 +121,37 @@ MUTATIONS: list[Mutation] = [
              "index = (index + starts[:, None]).view(count, segments * k)",
              "index = (index + 0 * starts[:, None]).view(count, segments * k)",
              ("tests/test_triton_kernels.py", "-k", "slices")),
+    Mutation("cooperative top-k: earlier slices' ties not counted", COOP,
+             "mask=earlier < part, other=0))", "mask=earlier < 0, other=0))", COOP_TESTS),
+    Mutation("cooperative top-k: ties at the k-th place toward higher indices", COOP,
+             "rank = ties + tl.cumsum(equal, axis=0) - equal",
+             "rank = ties + tl.sum(equal) - tl.cumsum(equal, axis=0)", COOP_TESTS),
+    Mutation("cooperative top-k: equal values in the selection toward higher indices", COOP,
+             "pair = tl.sort(pair, descending=True)",
+             "pair = tl.sort(pair ^ 4294967295, descending=True) ^ 4294967295", COOP_TESTS),
+    Mutation("cooperative top-k: the k-th digit chosen one too low", COOP,
+             "chosen = tl.max(tl.where(at_least >= wanted, bins, 0))",
+             "chosen = tl.maximum(tl.max(tl.where(at_least >= wanted, bins, 0)) - 1, 0)",
+             COOP_TESTS),
+    Mutation("cooperative top-k: the last round's digit one bit short", COOP,
+             "shift = (high - 11) * (high > 11)\n    offs", "shift = (high - 10) * (high > 11)\n    offs",
+             COOP_TESTS),
+    Mutation("cooperative top-k: -inf entries kept as indices", COOP,
+             "index = tl.where(value == float(\"-inf\"), -1, index)", "index = index", COOP_TESTS),
+    Mutation("threshold top-k: a row with fewer than k candidates counted as settled", THR,
+             "hit = (count >= k) & (count <= CAP)", "hit = count <= CAP", THR_TESTS),
+    Mutation("threshold top-k: the floor not applied (every row falls back)", THR,
+             "taken = (inside & (value >= floor)).to(tl.int32)",
+             "taken = inside.to(tl.int32)", THR_TESTS),
+    Mutation("threshold top-k: candidate slots off by one", THR,
+             "slot = count + tl.cumsum(taken, axis=0) - taken",
+             "slot = count + tl.cumsum(taken, axis=0)", THR_TESTS),
+    Mutation("threshold top-k: -inf entries kept as indices", THR,
+             "index = tl.where((pair >> 32) + 2147483648 == _MISSING_KEY, -1, index)",
+             "index = index", THR_TESTS),
+    Mutation("threshold top-k: the fallback overwrites the rows the threshold settled", COOP,
+             "        written = written & (tl.load(skip + row) == 0)\n",
+             "        written = written & (tl.load(skip + row) >= 0)\n", THR_TESTS),
     Mutation("indexer in fp32 in a bf16 / fp16 model", "kernels/attention.py",
              "return activations if activations in (torch.bfloat16, torch.float16) else parameters",
              "return parameters", ("tests/test_hf_attention.py", "-k", "16_bit")),

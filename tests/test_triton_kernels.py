@@ -340,6 +340,154 @@ def test_radix_topk_checks_its_input():
         radix_topk(torch.zeros(2, 8), 3, segments=3)  # slices of 3 would hold k = 3 but 8 // 3 = 2
 
 
+def _by_value_then_index(scores: torch.Tensor, index: torch.Tensor):
+    """The selection ``index`` of ``scores`` ordered by descending value, equal values by index."""
+    index = index.sort(-1).values
+    order = scores.gather(-1, index).sort(dim=-1, descending=True, stable=True).indices
+    index = index.gather(-1, order)
+    return scores.gather(-1, index), index
+
+
+@pytest.mark.parametrize("k,slices", [(1, 3), (64, 1), (600, 2), (300, 5), (40, None)])
+def test_cooperative_topk_selects_what_the_tie_rule_selects(k, slices):
+    """Several programs a row through histograms in global memory: the values and key sets of
+    topk_lowest_ties (ties at the k-th place toward lower indices, -inf last), equal values in
+    index order, from a strided slice of a buffer; rows of 5000 make five slices really split."""
+    from dsa_compile.kernels.topk import topk_lowest_ties
+    from dsa_compile.kernels.triton_topk_cooperative import cooperative_topk
+
+    scores, = _on_device(_radix_rows())
+    if slices == 5:
+        scores = torch.cat([scores, scores.flip(-1), scores[:, :800]], dim=-1)  # n = 5000
+    elif slices is None:  # k = n, one slice
+        scores = scores[:, 1990:2030]
+    n = scores.shape[-1]
+    buffer = torch.full((2, 4, n + 200), 7.0, device=scores.device)
+    buffer[:, :3, :n] = scores.view(2, 3, n)
+    values, index = cooperative_topk(buffer[:, :3, :n], k, slices=slices)
+    values, index = values.view(6, k), index.view(6, k)
+    ref_values, ref_index = topk_lowest_ties(scores, k)
+    torch.testing.assert_close(values, ref_values, atol=0, rtol=0)
+    assert index.dtype == torch.int64
+    want_values, want_index = _by_value_then_index(scores, ref_index)
+    unseen = torch.isneginf(values)  # the reference takes any of them; the caller drops them
+    assert torch.equal(index.masked_fill(unseen, -1), want_index.masked_fill(unseen, -1))
+    assert torch.equal(scores.gather(-1, index), values)
+
+
+def test_cooperative_topk_into_writes_int32_with_minus_one_for_unseen_keys():
+    """The indexer's form: int32 indices written into a slice of the output buffer, -1 where
+    the selected entry is -inf, the rest of the buffer untouched."""
+    from dsa_compile.kernels.topk import topk_lowest_ties
+    from dsa_compile.kernels.triton_topk_cooperative import cooperative_topk_into
+
+    scores, = _on_device(_radix_rows()[:2])  # row 1 has 107 visible keys
+    out = torch.full((1, 3, 200), 5, dtype=torch.int32, device=scores.device)
+    cooperative_topk_into(scores.view(1, 2, -1), 150, out[:, 1:, :150], slices=2)
+    values, index = topk_lowest_ties(scores, 150)
+    want = _by_value_then_index(scores, index)[1].masked_fill(torch.isneginf(values), -1)
+    assert torch.equal(out[0, 1:, :150].long(), want)
+    assert (out[0, 1, :107] >= 0).all() and (out[0, 2, 107:150] == -1).all()
+    assert (out[:, 0] == 5).all() and (out[:, :, 150:] == 5).all()
+
+
+def test_cooperative_slices_fill_the_gpu():
+    """About two programs an SM for decode's few rows, a block of entries at least per slice,
+    one slice a row off the GPU and for prefill's thousands of rows."""
+    from dsa_compile.kernels.triton_topk_cooperative import auto_slices
+
+    assert auto_slices(1, 131072, 132) == 128  # 128 blocks of 1024: one each
+    assert auto_slices(1, 1 << 20, 132) == 264
+    assert auto_slices(8, 131072, 132) == 33
+    assert auto_slices(2048, 65536, 132) == 1
+    assert auto_slices(1, 3000, 132) == 3
+    assert auto_slices(1, 131072, 0) == 1
+
+
+@pytest.fixture
+def small_sample(monkeypatch):
+    """The threshold kernel with a 32-entry sample (16 runs of 2) and so 32+ candidate slots: the
+    same code paths as the 4096-entry default, at sizes the interpreter sorts quickly."""
+    from dsa_compile.kernels import triton_topk_threshold as tt
+
+    monkeypatch.setattr(tt, "SAMPLE_RUNS", 16)
+    monkeypatch.setattr(tt, "RUN", 2)
+    return tt
+
+
+@pytest.mark.parametrize("k", [1, 60, 100])
+def test_threshold_topk_selects_what_the_tie_rule_selects(k, small_sample):
+    """One pass a row over a sampled floor, the cooperative kernels for rows it misses: the key
+    sets of topk_lowest_ties in descending order, equal values in index order, -1 for -inf;
+    both paths taken (rows of ties, of -inf, sorted along the row miss more often)."""
+    from dsa_compile.kernels.topk import topk_lowest_ties
+
+    scores = _radix_rows()
+    scores[2] = torch.arange(2100.0)  # ordered along the row
+    scores, = _on_device(scores)
+    out = torch.full((2, 4, k + 3), 9, dtype=torch.int32, device=scores.device)
+    done = torch.empty(6, dtype=torch.int8, device=scores.device)
+    small_sample.threshold_topk_into(scores.view(2, 3, -1), k, out[:, 1:, 2:k + 2], done)
+    got = out[:, 1:, 2:k + 2].reshape(6, k).long()
+    values, index = topk_lowest_ties(scores, k)
+    want = _by_value_then_index(scores, index)[1].masked_fill(torch.isneginf(values), -1)
+    assert torch.equal(got, want)
+    assert 0 < int(done.sum()) < 6, f"only one path taken: done = {done.tolist()}"
+    assert (out[:, 0] == 9).all() and (out[..., :2] == 9).all() and (out[..., k + 2:] == 9).all()
+    values, index = small_sample.threshold_topk(scores, k)
+    assert torch.equal(index, want) and index.dtype == torch.int64
+    assert torch.equal(values, scores.gather(-1, want.clamp_min(0)).masked_fill(want < 0,
+                                                                               float("-inf")))
+
+
+def test_threshold_topk_takes_short_rows_whole(small_sample):
+    """Rows no longer than the candidate slots skip the sample and are all settled in one pass."""
+    from dsa_compile.kernels.topk import topk_lowest_ties
+
+    scores = _radix_rows()[:, 1990:2020].clone()  # 30 entries, 32 slots for k = 10
+    scores[1] = float("-inf")
+    scores[1, 4:7] = torch.tensor([0.5, 2.0, 0.5])  # 3 keys visible: 7 of the 10 are -1
+    scores, = _on_device(scores)
+    out = torch.empty((1, 6, 10), dtype=torch.int64, device=scores.device)
+    done = torch.zeros(6, dtype=torch.int8, device=scores.device)
+    small_sample.threshold_topk_into(scores[None], 10, out, done)
+    values, index = topk_lowest_ties(scores, 10)
+    assert torch.equal(out[0], _by_value_then_index(scores, index)[1].masked_fill(
+        torch.isneginf(values), -1))
+    assert (done == 1).all() and (out[0, 1, 3:] == -1).all() and (out[0, 1, :3] >= 0).all()
+
+
+def test_threshold_floor_leaves_room_on_both_sides():
+    """The candidate slots hold twice k at least, the sample fits in them without overlapping
+    runs (a row longer than the slots has at least RUN entries a run)."""
+    from dsa_compile.kernels import triton_topk_threshold as tt
+
+    assert tt.capacity(2048) == 4096 and tt.capacity(1) == tt.SAMPLE_RUNS * tt.RUN
+    assert tt.capacity(3000) == 8192
+    assert tt.capacity(1) // tt.SAMPLE_RUNS >= tt.RUN
+
+
+def test_cooperative_topk_checks_its_input():
+    from dsa_compile.kernels.triton_topk_cooperative import cooperative_topk, cooperative_topk_into
+
+    with pytest.raises(ValueError, match="k <= n"):
+        cooperative_topk(torch.zeros(2, 8), 9)
+    with pytest.raises(TypeError, match="fp32"):
+        cooperative_topk(torch.zeros(2, 8, dtype=torch.bfloat16), 2)
+    with pytest.raises(ValueError, match="slices"):
+        cooperative_topk(torch.zeros(2, 8), 3, slices=0)
+    with pytest.raises(ValueError, match="out must be"):
+        cooperative_topk_into(torch.zeros(1, 2, 8), 3, torch.zeros(1, 2, 3))
+    with pytest.raises(ValueError, match="out must be"):
+        cooperative_topk_into(torch.zeros(1, 2, 8), 3, torch.zeros(1, 2, 4, dtype=torch.int32))
+    from dsa_compile.kernels.triton_topk_threshold import threshold_topk_into
+
+    with pytest.raises(ValueError, match="threshold_topk_into: out must be"):
+        threshold_topk_into(torch.zeros(1, 2, 8), 3, torch.zeros(1, 3, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="k <= n"):
+        threshold_topk_into(torch.zeros(1, 2, 8), 9, torch.zeros(1, 2, 9, dtype=torch.int32))
+
+
 INDEXER_CASES = {
     # name: B, Lq, Lk, HI, DI, causal, q_offset, mask kind
     "causal": (2, 13, 40, 4, 16, True, 27, None),
@@ -434,12 +582,18 @@ def test_topk_rows_are_sorted_by_descending_score(name, query_block):
 
 @pytest.mark.parametrize("name", list(INDEXER_CASES))
 @pytest.mark.parametrize("query_block", [1, 4])
-def test_radix_selector_selects_the_same_keys(name, query_block, monkeypatch):
-    """indexer_topk_cuda with the radix selector: the same key set per row as with torch.topk,
-    in descending order of score."""
+@pytest.mark.parametrize("choice", ["radix", "cooperative", "threshold"])
+def test_kernel_selectors_select_the_same_keys(name, query_block, choice, monkeypatch):
+    """indexer_topk_cuda with the radix, cooperative or threshold selector: the same key set per
+    row as with torch.topk, in descending order of score, -1 padded alike."""
+    if choice == "threshold":  # a 32-entry sample: rows of up to 70 keys are sampled too
+        from dsa_compile.kernels import triton_topk_threshold as tt
+
+        monkeypatch.setattr(tt, "SAMPLE_RUNS", 8)
+        monkeypatch.setattr(tt, "RUN", 2)
     q, k, w, causal, off, mask = _indexer_inputs(INDEXER_CASES[name])
     want = tix.indexer_topk_cuda(q, k, w, 12, causal, off, mask, query_block)
-    monkeypatch.setattr(tix, "SELECTOR", "radix")
+    monkeypatch.setattr(tix, "SELECTOR", choice)
     got = tix.indexer_topk_cuda(q, k, w, 12, causal, off, mask, query_block)
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
     scores = row_scores(indexer_scores_reference(q, k, w, causal, off, mask).cpu(), query_block)
@@ -480,6 +634,10 @@ def test_unique_rows_keeps_each_key_once():
 # In a subprocess: the interpreter patches triton.language while it is active.
 
 
+SELECTOR_KERNELS = ("radix_topk", "threshold_topk", *(f"cooperative_topk/{part}" for part in (
+    "round0", "round1", "round2", "write", "finish")))
+
+
 def test_kernels_compile_for_hopper():
     import json
     import subprocess
@@ -494,21 +652,22 @@ def test_kernels_compile_for_hopper():
     assert set(report) == {*(f"sparse_attention{part}/{c}" for c in configs
                              for part in ("", "_backward")),
                            "sparse_attention/mla_mqa_128_rows", "indexer_scores/qb1",
-                           "indexer_scores/qb64", "radix_topk",
+                           "indexer_scores/qb64", *SELECTOR_KERNELS,
                            *(f"sparse_attention_backward_{part}/llama8b_tile64"
                              for part in ("key_major", "key_major_split", "dq"))}
     # Per-query selection with 4 heads a kv head has 16 rows a program: too few for a warpgroup
     # MMA (64 rows), so that forward config uses mma.sync; so does the MLA backward (its 512-wide
     # dV accumulators in 32-key steps), and the top-k selector has no matrix product at all.
     no_wgmma = {"sparse_attention/llama8b_exact", "sparse_attention_backward/mla_mqa",
-                "radix_topk"}
+                *SELECTOR_KERNELS}
     for name, kernel in report.items():
         assert kernel["fits"], (name, kernel)
         assert kernel["wgmma"] is (name not in no_wgmma), (name, kernel)
         assert 0 < kernel["registers"] <= 255 and kernel["spill_bytes"] >= 0, (name, kernel)
     # ptxas -v read both ways: the selector (no tiles) fits its registers; MLA's 128-row
     # program (128 x 512 fp32 accumulators) spills kilobytes, a cost the GPU sweep must weigh.
-    assert report["radix_topk"]["registers"] < 255 and report["radix_topk"]["spill_bytes"] == 0
+    for name in SELECTOR_KERNELS:
+        assert report[name]["registers"] < 255 and report[name]["spill_bytes"] == 0, name
     assert report["sparse_attention/mla_mqa_128_rows"]["spill_bytes"] > 4096
 
 
