@@ -615,6 +615,45 @@ def test_auto_selector_takes_radix_for_few_rows_only(monkeypatch):
         tix.selector(torch.empty(1, 1, 5))
 
 
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten calls that read device memory back to the host (``.item()``, ``bool()``,
+    outputs shaped by data): each a sync on a GPU, and an error inside a CUDA graph capture."""
+
+    READS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive",
+             "unique_dim")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.READS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("choice", ["torch", "radix", "cooperative", "threshold"])
+@pytest.mark.parametrize("queries", [1, 6])
+def test_kernel_selectors_never_wait_for_the_device(choice, queries, monkeypatch):
+    """indexer_topk on the GPU path (the op a compiled graph keeps opaque) and the sparse-attention
+    kernel after it (what a compiled graph traces) read nothing back to the host with the radix,
+    cooperative and threshold selectors: a decode step can sit in a CUDA graph. torch.topk's
+    tie pass does read (one bool a chunk): the probe sees it."""
+    from dsa_compile.kernels import triton_topk_threshold as tt
+
+    monkeypatch.setattr(tt, "SAMPLE_RUNS", 16)  # rows of 3000 sampled (32 entries), not taken whole
+    monkeypatch.setattr(tt, "RUN", 2)
+    monkeypatch.setattr(tix, "SELECTOR", choice)
+    torch.manual_seed(0)
+    q_idx, k_idx, w = _on_device(*make_indexer_inputs(2, queries, 3000, 4, 16))
+    q, k, v = _on_device(*make_attention_inputs(2, 4, 2, queries, 3000, 16, 16))
+    with _HostReads() as probe:
+        sel = cuda_ops._indexer_topk(q_idx, k_idx, w, 40, True, 3000 - queries)
+        tsa.sparse_attention_fwd(q, k, v, sel, 0.25, None, True, 3000 - queries, 1)
+    assert sel.shape == (2, queries, 40) and (sel >= 0).all()
+    assert bool(probe.seen) is (choice == "torch"), probe.seen
+
+
 def test_topk_in_bounded_chunks_equals_one_chunk():
     q, k, w, causal, off, mask = _indexer_inputs(INDEXER_CASES["full mask"])
     whole = tix.indexer_topk_cuda(q, k, w, 10, causal, off, mask, 4)
