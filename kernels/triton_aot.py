@@ -198,10 +198,11 @@ def cooperative_topk(k: int = 2048, slices: int = 128, target: GPUTarget = HOPPE
 def threshold_topk(k: int = 2048, target: GPUTarget = HOPPER) -> CompiledKernel:
     """The threshold top-k kernel (:mod:`.triton_topk_threshold`) as
     :func:`.triton_topk_threshold.threshold_topk_into` launches it for ``k``."""
-    pointers = dict(scores="*fp32", pairs="*i64", out_index="*i32", done="*i8")
+    pointers = dict(scores="*fp32", pairs="*i64", out_index="*i32", done="*i8", workspace="*i32")
     return compile_kernel(ttt.threshold_topk_kernel, pointers,
                           {"CAP": ttt.capacity(k), "SAMPLE_RUNS": ttt.SAMPLE_RUNS, "RUN": ttt.RUN,
-                           "BLOCK": ttt.BLOCK, "num_warps": ttt.NUM_WARPS},
+                           "BLOCK": ttt.BLOCK, "ROW_WORDS": ttc.ROW_WORDS,
+                           "num_warps": ttt.NUM_WARPS},
                           target=target, as_launched=True)
 
 

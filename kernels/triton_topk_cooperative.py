@@ -40,8 +40,7 @@ NUM_WARPS = 8
 MAX_SLICES = 1024
 # per row in the workspace: three histograms, then the counter of slots given to entries above
 # the k-th best key
-_COUNTER = 3 * BINS
-_ROW_WORDS = 3 * BINS + 1
+ROW_WORDS = 3 * BINS + 1
 
 
 @triton.jit
@@ -73,8 +72,9 @@ def cooperative_round_kernel(scores, workspace, own, skip, n, k, slice_len, slic
     ``HAS_SKIP``: rows whose ``skip [rows]`` byte is set are left alone (as if empty)."""
     part = tl.program_id(0)
     row = tl.program_id(1)
-    if HAS_SKIP:
-        n = tl.where(tl.load(skip + row) != 0, 0, n)
+    if HAS_SKIP:  # noqa: SIM102  (compile-time: no load at all without a skip list)
+        if tl.load(skip + row) != 0:
+            return
     base = _row_pointer(scores, row, rows_per_batch, stride_batch, stride_row)
     hist_row = workspace + row.to(tl.int64) * (3 * BINS + 1)
     prefix, wanted = _resolve(hist_row, k, ROUND, BINS)
@@ -107,8 +107,9 @@ def cooperative_write_kernel(scores, workspace, own, skip, pairs, n, k, slice_le
     into ``pairs [rows, k]``."""
     part = tl.program_id(0)
     row = tl.program_id(1)
-    if HAS_SKIP:
-        n = tl.where(tl.load(skip + row) != 0, 0, n)
+    if HAS_SKIP:  # noqa: SIM102  (compile-time: no load at all without a skip list)
+        if tl.load(skip + row) != 0:
+            return
     base = _row_pointer(scores, row, rows_per_batch, stride_batch, stride_row)
     hist_row = workspace + row.to(tl.int64) * (3 * BINS + 1)
     prefix, wanted = _resolve(hist_row, k, 3, BINS)
@@ -145,10 +146,10 @@ def cooperative_finish_kernel(scores, pairs, out_values, out_index, skip, n, k, 
     """Grid ``(rows,)``: sorts a row's ``k`` pairs, writes indices (``-1`` for ``-inf`` entries
     if asked) and values (read back from the row) in descending order; skipped rows untouched."""
     row = tl.program_id(0)
+    if HAS_SKIP:  # noqa: SIM102  (compile-time: no load at all without a skip list)
+        if tl.load(skip + row) != 0:
+            return
     i = tl.arange(0, KP)
-    written = i < k
-    if HAS_SKIP:
-        written = written & (tl.load(skip + row) == 0)
     pair = tl.load(pairs + row.to(tl.int64) * k + i, mask=i < k, other=-9223372036854775807)
     pair = tl.sort(pair, descending=True)
     index = 4294967295 - (pair & 4294967295)
@@ -158,9 +159,9 @@ def cooperative_finish_kernel(scores, pairs, out_values, out_index, skip, n, k, 
         index = tl.where(value == float("-inf"), -1, index)
     batch = row // rows_per_batch
     target = batch.to(tl.int64) * out_batch + (row - batch * rows_per_batch).to(tl.int64) * out_row
-    tl.store(out_index + target + i, index, mask=written)
+    tl.store(out_index + target + i, index, mask=i < k)
     if HAS_VALUES:
-        tl.store(out_values + row.to(tl.int64) * k + i, value, mask=written)
+        tl.store(out_values + row.to(tl.int64) * k + i, value, mask=i < k)
 
 
 def auto_slices(count: int, n: int, sms: int) -> int:
@@ -192,10 +193,12 @@ def check_out(out: torch.Tensor, rows: torch.Tensor, k: int, who: str) -> None:
 
 def select_into(rows: torch.Tensor, k: int, slices: int | None, out_index: torch.Tensor,
                 out_values: torch.Tensor | None, missing_as_minus_one: bool,
-                skip: torch.Tensor | None = None) -> None:
+                skip: torch.Tensor | None = None, workspace: torch.Tensor | None = None) -> None:
     """The five kernels over ``rows [B, R, n]`` (unit last stride) into ``out_index [B, R, k]``
     (unit last stride) and ``out_values [B * R, k]``; rows whose ``skip [B * R]`` (int8) is
-    nonzero are left as they are."""
+    nonzero are left as they are (their programs return at once). ``workspace [B * R,
+    ROW_WORDS]`` int32: the rows' histograms and counter, zero for every row not skipped
+    (default: a zero-filled one)."""
     batch, per_batch, n = rows.shape
     count = batch * per_batch
     if k == 0 or count == 0:
@@ -208,7 +211,8 @@ def select_into(rows: torch.Tensor, k: int, slices: int | None, out_index: torch
         raise ValueError(f"cooperative_topk: slices must be in [1, {MAX_SLICES}], got {slices}")
     slice_len = triton.cdiv(triton.cdiv(n, slices), BLOCK) * BLOCK
     slices = triton.cdiv(n, slice_len)  # none empty
-    workspace = torch.zeros((count, _ROW_WORDS), dtype=torch.int32, device=rows.device)
+    if workspace is None:
+        workspace = torch.zeros((count, ROW_WORDS), dtype=torch.int32, device=rows.device)
     own = torch.empty((count, slices, LAST_BINS), dtype=torch.int32, device=rows.device)
     pairs = torch.empty((count, k), dtype=torch.int64, device=rows.device)
     shared = (n, k, slice_len, slices, per_batch, rows.stride(0), rows.stride(1))

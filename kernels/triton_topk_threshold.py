@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .triton_topk import _ordered_key, _row_pointer
-from .triton_topk_cooperative import as_rows, check_out, select_into
+from .triton_topk_cooperative import ROW_WORDS, as_rows, check_out, select_into
 
 BLOCK = 1024  # entries a step of the pass over the row
 SAMPLE_RUNS = 512  # runs of RUN neighbours (one 32-byte sector each): 4096 sampled entries
@@ -43,12 +43,14 @@ def capacity(k: int) -> int:
 
 
 @triton.jit
-def threshold_topk_kernel(scores, pairs, out_index, done, n, k, rows_per_batch, stride_batch,
-                          stride_row, out_batch, out_row, CAP: tl.constexpr,
-                          SAMPLE_RUNS: tl.constexpr, RUN: tl.constexpr, BLOCK: tl.constexpr):
+def threshold_topk_kernel(scores, pairs, out_index, done, workspace, n, k, rows_per_batch,
+                          stride_batch, stride_row, out_batch, out_row, CAP: tl.constexpr,
+                          SAMPLE_RUNS: tl.constexpr, RUN: tl.constexpr, BLOCK: tl.constexpr,
+                          ROW_WORDS: tl.constexpr):
     """Grid ``(rows,)``: the row's k best as indices into ``out_index`` (descending, ties toward
     lower indices, -1 for -inf) when its guessed floor let between k and ``CAP`` entries through;
-    ``done [rows]`` (int8) says whether it did. ``pairs [rows, CAP]`` int64: scratch."""
+    ``done [rows]`` (int8) says whether it did; a row that missed zeroes its ``ROW_WORDS`` of the
+    cooperative kernels' ``workspace`` instead. ``pairs [rows, CAP]`` int64: scratch."""
     row = tl.program_id(0)
     base = _row_pointer(scores, row, rows_per_batch, stride_batch, stride_row)
     floor = float("-inf")
@@ -74,15 +76,20 @@ def threshold_topk_kernel(scores, pairs, out_index, done, n, k, rows_per_batch, 
         count += tl.sum(taken)
     hit = (count >= k) & (count <= CAP)
     tl.store(done + row, hit.to(tl.int8))
+    if not hit:  # the cooperative kernels take this row: its histograms start at zero
+        for start in range(0, ROW_WORDS, BLOCK):
+            tl.store(workspace + row.to(tl.int64) * ROW_WORDS + start + offs,
+                     tl.zeros((BLOCK,), dtype=tl.int32), mask=start + offs < ROW_WORDS)
+        return
     tl.debug_barrier()  # the candidates other threads of this program stored, visible
     i = tl.arange(0, CAP)
-    pair = tl.load(slots + i, mask=(i < count) & hit, other=-9223372036854775807)
+    pair = tl.load(slots + i, mask=i < count, other=-9223372036854775807)
     pair = tl.sort(pair, descending=True)
     index = 4294967295 - (pair & 4294967295)
     index = tl.where((pair >> 32) + 2147483648 == _MISSING_KEY, -1, index)
     batch = row // rows_per_batch
     target = batch.to(tl.int64) * out_batch + (row - batch * rows_per_batch).to(tl.int64) * out_row
-    tl.store(out_index + target + i, index, mask=(i < k) & hit)
+    tl.store(out_index + target + i, index, mask=i < k)
 
 
 def threshold_topk_into(scores: torch.Tensor, k: int, out: torch.Tensor,
@@ -103,11 +110,12 @@ def threshold_topk_into(scores: torch.Tensor, k: int, out: torch.Tensor,
     if done is None:
         done = torch.empty(count, dtype=torch.int8, device=rows.device)
     pairs = torch.empty((count, cap), dtype=torch.int64, device=rows.device)
-    threshold_topk_kernel[(count,)](rows, pairs, out, done, n, k, per_batch, rows.stride(0),
-                                    rows.stride(1), out.stride(0), out.stride(1), CAP=cap,
-                                    SAMPLE_RUNS=SAMPLE_RUNS, RUN=RUN, BLOCK=BLOCK,
-                                    num_warps=NUM_WARPS)
-    select_into(rows, k, 1, out, None, missing_as_minus_one=True, skip=done)
+    workspace = torch.empty((count, ROW_WORDS), dtype=torch.int32, device=rows.device)
+    threshold_topk_kernel[(count,)](rows, pairs, out, done, workspace, n, k, per_batch,
+                                    rows.stride(0), rows.stride(1), out.stride(0), out.stride(1),
+                                    CAP=cap, SAMPLE_RUNS=SAMPLE_RUNS, RUN=RUN, BLOCK=BLOCK,
+                                    ROW_WORDS=ROW_WORDS, num_warps=NUM_WARPS)
+    select_into(rows, k, 1, out, None, missing_as_minus_one=True, skip=done, workspace=workspace)
     return out
 
 
