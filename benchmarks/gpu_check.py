@@ -38,6 +38,7 @@ import triton
 from dsa_compile.kernels import triton_indexer as tix
 from dsa_compile.kernels import triton_sparse_attention as tsa
 from dsa_compile.kernels import triton_topk_threshold as ttt
+from dsa_compile.kernels.fp8 import quantize_indexer
 from dsa_compile.kernels.reference import indexer_scores_reference, sparse_attention_reference
 from dsa_compile.kernels.topk import topk_lowest_ties
 from dsa_compile.kernels.triton_aot import MLA_ALL_HEADS
@@ -456,6 +457,13 @@ def _bench_layer_at(dev, length: int, query_blocks) -> None:
     ms = bench(lambda: tix.score_block(qi, ki, w, buf, length - chunk, chunk, length, True, 0, None,
                                        query_block=64), dev)
     record("  same, tile max over 64 queries in the kernel", ms, tflops=flops / ms / 1e9)
+    q8, k8, w8, k_scale = quantize_indexer(qi, ki, w)  # config indexer_fp8
+    for qb in (1, 64):
+        ms8 = bench(lambda b=qb: tix.score_block(q8, k8, w8, buf, length - chunk, chunk, length, True,
+                                                 0, None, query_block=b, k_scale=k_scale), dev)
+        record(f"  same in FP8 e4m3 (indexer_fp8), query_block={qb}", ms8, tflops=flops / ms8 / 1e9)
+    ms8 = bench(lambda: quantize_indexer(qi, ki, w), dev)
+    record(f"  quantize_indexer of {length} queries and keys (eager; fused under compile)", ms8)
     ms = bench(lambda: buf.topk(s["topk"], dim=-1), dev)
     record(f"  torch.topk of {chunk} rows x {length}", ms)
     ms = bench(lambda: topk_lowest_ties(buf, s["topk"]), dev)
@@ -691,18 +699,21 @@ def report_kernels() -> None:
 
 
 @section("torch.compile(backend='dsa') vs Inductor, Llama-shaped model, bf16 prefill")
-def bench_end_to_end(dev, lengths: list[int], shapes: list[str], layers: int = 4) -> None:
+def bench_end_to_end(dev, lengths: list[int], shapes: list[str], layers: int = 4,
+                     fp8: bool = False) -> None:
     """The issue's goals: >= 2x Inductor at 32K, >= 4x at 128K. First the rewritten model with
-    top-k = L (every key selected, so it must equal the dense model), then the timings."""
+    top-k = L (every key selected, so it must equal the dense model), then the timings;
+    ``fp8``: each also with ``indexer_fp8`` (one more compile a shape and length)."""
     for family in sorted({"-plain" if shape.endswith("-plain") else "" for shape in shapes}):
         _end_to_end_at(dev, 4096, layers, "small" + family, topk=4096)
     for shape in shapes:
         for length in lengths:
-            _end_to_end_at(dev, length, layers, shape)
+            _end_to_end_at(dev, length, layers, shape, fp8=fp8)
             torch.cuda.empty_cache()
 
 
-def _end_to_end_at(dev, length: int, layers: int, shape: str, topk: int = 2048) -> None:
+def _end_to_end_at(dev, length: int, layers: int, shape: str, topk: int = 2048,
+                   fp8: bool = False) -> None:
     """``shape``: ``small`` / ``8b`` (HF Llama), ``small-plain`` / ``8b-plain`` (the same layers
     in plain PyTorch, SDPA with ``is_causal``: dense flash, the best dense baseline)."""
     from dsa_compile.backend import make_backend
@@ -718,7 +729,10 @@ def _end_to_end_at(dev, length: int, layers: int, shape: str, topk: int = 2048) 
     config = DSAConfig(key_block=0, query_block=64, topk=topk, min_seq_len=0)
     timings = {}
     outputs = {}
-    for name, backend in (("inductor", "inductor"), ("dsa", make_backend(config))):
+    variants = [("inductor", "inductor"), ("dsa", make_backend(config))]
+    if fp8 and topk < length:  # before "dsa": the profile and re-timing below use the last one
+        variants.insert(1, ("dsa_fp8", make_backend(config.replace(indexer_fp8=True))))
+    for name, backend in variants:
         torch.compiler.reset()
         compiled = torch.compile(model, backend=backend, dynamic=False)
         start = time.perf_counter()
@@ -748,6 +762,11 @@ def _end_to_end_at(dev, length: int, layers: int, shape: str, topk: int = 2048) 
     # output differs from dense (the cosine says how much; it is not an error measure)
     record(f"e2e dsa {label}", timings["dsa"],
            speedup=timings["inductor"] / timings["dsa"], cosine_vs_dense=cos)
+    if "dsa_fp8" in timings:  # the same model with the FP8 indexer (its own compile)
+        close = float(F.cosine_similarity(outputs["dsa_fp8"].flatten(), outputs["dsa"].flatten(),
+                                          dim=0))
+        record(f"  e2e dsa, indexer_fp8, {label}", timings["dsa_fp8"],
+               speedup=timings["inductor"] / timings["dsa_fp8"], cosine_vs_bf16_indexer=close)
     # the same compiled graph with the threshold selector (indexer_topk stays one opaque op in
     # it, so the selector is read at run time): the tile rows' torch.topk is 12 of 540 ms at 128K
     default = tix.SELECTOR
@@ -788,6 +807,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
     parser.add_argument("--e2e-lengths", type=int, nargs="+", default=[32768, 131072],
                         help="prefill lengths of the compiled-model comparison")
+    parser.add_argument("--e2e-fp8", action="store_true",
+                        help="also time the compiled models with indexer_fp8 (one more compile)")
     parser.add_argument("--e2e-shapes", nargs="+", default=["8b", "8b-plain"],
                         choices=["8b", "small", "8b-plain", "small-plain"],
                         help="models of the compiled-model comparison: HF Llama of "
@@ -816,7 +837,8 @@ def main() -> None:
             check_compile(dev, dtype)
     # the issue's goals first (a run cut short by the device's time limit keeps them), each
     # section skipped once --budget-s has passed so the tables are still written
-    benches = [("e2e", lambda: bench_end_to_end(dev, args.e2e_lengths, args.e2e_shapes)),
+    benches = [("e2e", lambda: bench_end_to_end(dev, args.e2e_lengths, args.e2e_shapes,
+                                                fp8=args.e2e_fp8)),
                ("layer", lambda: bench_layer(dev, args.lengths)),
                ("backward", lambda: bench_backward(dev)),
                ("mla", lambda: bench_mla(dev)),

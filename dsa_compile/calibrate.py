@@ -193,7 +193,7 @@ def measure_recall(model: torch.nn.Module, batches: Iterable[Any], config: DSACo
     def handler(call: SiteCall) -> torch.Tensor:
         query_block, key_block = run_config.granularity(call.q.device.type)
         recall, best = selection_recall(call, run_config.topk, query_block, key_block,
-                                        run_config.candidate_blocks)
+                                        run_config.candidate_blocks, run_config.indexer_fp8)
         entry = totals.setdefault(names[id(call.q_proj)], [0, 0, 0])
         entry[0] += recall
         entry[1] += best

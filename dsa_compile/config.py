@@ -47,6 +47,10 @@ class DSAConfig:
     - ``selection``: ``"shared"``, one selection for all heads of a query (tile), or
       ``"kv_head"``, one per kv head (per head in MHA models; FlashMLA's ``[s_q, h_kv, topk]``):
       new indexers get one index head group per kv head.
+    - ``indexer_fp8``: score the indexer in FP8 e4m3, as DeepSeek V3.2 does (queries scaled per
+      token and index head, keys per sequence; the selection is exactly that of the dequantised
+      values, :mod:`dsa_compile.kernels.fp8`). Off by default: its speed is not yet measured on
+      a GPU, and ONNX export keeps the 16-bit indexer (it refuses this option).
     - ``mode``: ``"inductor"`` compiles the rewritten graph, ``"eager"`` runs it as is
       (debugging; no compile cost).
     - ``adapter``: a directory written by ``dsa_compile.save_adapter``; ``torch.compile`` loads
@@ -63,6 +67,7 @@ class DSAConfig:
     key_block: int | None = None
     candidate_blocks: int = 0
     selection: str = "shared"
+    indexer_fp8: bool = False
     mode: str = "inductor"
     adapter: str | None = None
 
@@ -77,6 +82,9 @@ class DSAConfig:
         if not isinstance(self.selection, str) or self.selection not in SELECTIONS:
             raise DSAConfigError(f"option 'selection' must be one of {SELECTIONS}, got "
                                  f"{self.selection!r}")
+        if not isinstance(self.indexer_fp8, bool):
+            raise DSAConfigError(f"option 'indexer_fp8' must be True or False, got "
+                                 f"{self.indexer_fp8!r}")
         if not isinstance(self.mode, str) or self.mode not in MODES:
             raise DSAConfigError(f"option 'mode' must be one of {MODES}, got {self.mode!r}")
         for name in ("include", "exclude"):

@@ -73,7 +73,8 @@ def dsa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
                         topk=config.topk, dense_up_to=config.dense_up_to,
                         query_block=config.query_block, key_block=config.key_block,
                         candidate_blocks=config.candidate_blocks,
-                        per_kv_head=indexer.info.per_kv_head, cached_keys=cached)
+                        per_kv_head=indexer.info.per_kv_head, cached_keys=cached,
+                        indexer_fp8=config.indexer_fp8)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -39,11 +39,15 @@ class OnnxExport:
 
 def export_config(config: DSAConfig) -> DSAConfig:
     """``config`` as the ONNX ops express it: ``key_block = 0`` (every key scored; two-stage
-    selection has no ONNX form yet) and, when unset, the GPU's query tile
+    selection has no ONNX form yet), a 16-bit indexer and, when unset, the GPU's query tile
     (``DEVICE_GRANULARITY["cuda"]``), the runtime such a file is usually served on."""
     if config.key_block:
         raise DSAConfigError(f"key_block={config.key_block} (two-stage selection) cannot be "
                              "exported to ONNX yet: use key_block=0 (every key scored)")
+    if config.indexer_fp8:
+        raise DSAConfigError("indexer_fp8=True cannot be exported to ONNX yet (FP8 inputs of "
+                             "the custom-domain op): export with indexer_fp8=False, which "
+                             "selects the same keys up to FP8 rounding")
     query_block = config.query_block or DEVICE_GRANULARITY["cuda"][0]
     return config.replace(key_block=0, query_block=query_block, mode="eager")
 

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from ..config import DECODE_QUERIES, device_granularity
 from . import decode
+from .checks import DSAInputError
+from .fp8 import quantize_indexer
 from .ops import indexer_topk, sparse_attention
 
 # Set by capture_selections(): a list that receives each site's selection (for measurements).
@@ -228,6 +230,7 @@ def dsa_attention(
     candidate_blocks: int,
     per_kv_head: bool = False,
     cached_keys: torch.Tensor | None = None,
+    indexer_fp8: bool = False,
 ) -> torch.Tensor:
     """Drop-in for ``F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale,
     enable_gqa=enable_gqa)`` over ``q [B, H, Lq, D]``, ``k [B, Hkv, Lk, D]``, ``v [B, Hkv, Lk, Dv]``.
@@ -236,10 +239,15 @@ def dsa_attention(
     ``head_weights [HI]`` (one selection shared by all heads), or with ``per_kv_head`` one
     selection per kv head (shapes in :func:`indexer_inputs`). SDPA's ``is_causal`` is top-left
     aligned: query t sees keys s <= t. ``cached_keys``: :func:`index_keys` of ``k`` kept by an
-    indexer key cache (generation), so only new tokens were projected.
+    indexer key cache (generation), so only new tokens were projected. ``indexer_fp8``: the
+    indexer scores in FP8 e4m3 (:func:`.fp8.quantize_indexer`).
     """
     lk = k.shape[2]
     if torch.compiler.is_exporting():
+        if indexer_fp8:
+            raise DSAInputError("indexer_fp8=True has no ONNX export yet (FP8 inputs of a "
+                                "custom-domain op): export with indexer_fp8=False, which "
+                                "selects the same keys up to FP8 rounding")
         return _exported_attention(q, k, v, attn_mask, (q_proj, k_proj, head_weights), is_causal,
                                    scale, enable_gqa, topk, dense_up_to,
                                    (query_block, key_block, candidate_blocks), per_kv_head)
@@ -257,7 +265,8 @@ def dsa_attention(
     # more slots than keys would only hold -1
     return _sparse(q, k, v, attn_mask, (q_proj, k_proj, head_weights), is_causal, scale,
                    max(1, min(topk, lk)), select_all, (query_block, key_block, candidate_blocks),
-                   per_kv_head, sdpa if dense else None, cached_keys=cached_keys)
+                   per_kv_head, sdpa if dense else None, cached_keys=cached_keys,
+                   indexer_fp8=indexer_fp8)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -272,7 +281,8 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
             blocks: tuple[int | None, int | None, int], per_kv_head: bool,
             dense: Callable[[], torch.Tensor] | None = None,
             indexer_q: torch.Tensor | None = None,
-            cached_keys: torch.Tensor | None = None) -> torch.Tensor:
+            cached_keys: torch.Tensor | None = None,
+            indexer_fp8: bool = False) -> torch.Tensor:
     """The sparse path of :func:`dsa_attention` (``dense``: what to return after a capture
     probe recorded the selection of a site that runs dense; ``indexer_q``: the queries the
     indexer reads when they differ from those attention reads)."""
@@ -281,11 +291,16 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
     query_block, key_block = granularity(q.device, blocks[0], blocks[1], topk, lq)
     q_idx, k_idx, weights = indexer_inputs(q if indexer_q is None else indexer_q, k, *indexer,
                                            per_kv_head, cached_keys)
+    k_scale = None
+    if indexer_fp8:
+        q_idx, k_idx, weights, k_scale = quantize_indexer(q_idx, k_idx, weights)
     keys_only = _keys_only_mask(attn_mask)
     if (_capture is None and not per_kv_head
             and decode.applies(q, is_causal, attn_mask is None or keys_only,
                                (query_block, key_block), DECODE_QUERIES, (q, k, v, *indexer))):
         visible = None if attn_mask is None else _key_visibility(attn_mask, batch, lk)
+        if k_scale is not None:  # the CPU's lean path scores in fp32: the dequantised keys
+            k_idx, k_scale = k_idx.float() * k_scale[..., None], None
         return decode.decode_attention(q, k, v, q_idx, k_idx, weights, visible, topk, scale)
     bias, visible = mask_to_bias_and_visibility(attn_mask, batch, lq, lk, select_all)
     if keys_only:
@@ -299,7 +314,7 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
     if per_kv_head:
         q, k, v, bias, visible = fold_kv_heads(q, k, v, bias, visible)
     indices = indexer_topk(q_idx, k_idx, weights, topk, is_causal, 0, visible, query_block,
-                           key_block, blocks[2])
+                           key_block, blocks[2], k_scale)
     if _capture is not None:
         _capture.append(indices)
         if dense is not None:  # measuring only: the site computes what it would without the probe

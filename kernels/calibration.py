@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import SiteCall, fold_kv_heads, indexer_inputs, mask_to_bias_and_visibility
+from .fp8 import quantize_indexer
 from .ops import indexer_topk
 from .reference import selection_mask
 from .topk import topk_lowest_ties
@@ -216,17 +217,21 @@ def site_loss(call: SiteCall, topk: int, query_block: int = 1,
 
 
 def selection_recall(call: SiteCall, topk: int, query_block: int, key_block: int,
-                     candidate_blocks: int = 0) -> tuple[float, float]:
+                     candidate_blocks: int = 0, indexer_fp8: bool = False) -> tuple[float, float]:
     """``(recall, best)`` of one site call: the attention mass (head-averaged, mean over
-    queries) on the keys ``dsa::indexer_topk`` selects at this granularity, and on the best
-    selection at the same granularity and budget (the top-k of each tile's mean attention)."""
+    queries) on the keys ``dsa::indexer_topk`` selects at this granularity (with the indexer in
+    FP8 if asked, as the site would run it), and on the best selection at the same granularity
+    and budget (the top-k of each tile's mean attention)."""
     lk = call.k.shape[2]
     topk = max(1, min(topk, lk))
     with torch.no_grad():
         call, q_idx, k_idx, weights, bias, visible = _prepared(call, select_all=topk >= lk)
         batch, _, lq, _ = call.q.shape
+        k_scale = None
+        if indexer_fp8:
+            q_idx, k_idx, weights, k_scale = quantize_indexer(q_idx, k_idx, weights)
         indices = indexer_topk(q_idx, k_idx, weights, topk, call.is_causal, 0, visible,
-                               query_block, key_block, candidate_blocks)
+                               query_block, key_block, candidate_blocks, k_scale)
         chosen = selection_mask(indices, lq, lk, query_block)  # [B, Lq, Lk]
         recall = best = 0.0
         chunk = _chunk(query_block)

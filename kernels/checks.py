@@ -74,13 +74,20 @@ def check_indexer_args(
     weights: torch.Tensor,
     q_offset: int,
     key_mask: torch.Tensor | None,
+    k_scale: torch.Tensor | None = None,
 ) -> None:
-    """Checks the inputs of ``indexer_scores`` / ``indexer_topk``."""
+    """Checks the inputs of ``indexer_scores`` / ``indexer_topk`` (``k_scale``: the latter's
+    per-key scales, fp32 ``[B, Lk]``)."""
     check_rank(op, "q_idx", q_idx, "[B, Lq, HI, DI]")
     check_rank(op, "k_idx", k_idx, "[B, Lk, DI]")
     check_rank(op, "weights", weights, "[B, Lq, HI]")
+    fp8 = [t.dtype == torch.float8_e4m3fn for t in (q_idx, k_idx)]
+    if any(fp8) and not all(fp8):  # an FP8 indexer (kernels/fp8.py) quantises both
+        _fail(op, f"q_idx and k_idx must both be float8_e4m3fn or neither, got {q_idx.dtype} and "
+                  f"{k_idx.dtype}")
     for name, t in (("q_idx", q_idx), ("k_idx", k_idx), ("weights", weights)):
-        check_float(op, name, t)
+        if t.dtype != torch.float8_e4m3fn or name == "weights":
+            check_float(op, name, t)
     batch, lq, heads, dim = q_idx.shape
     check_dim(op, "k_idx", k_idx, 0, batch, "batch, as q_idx.shape[0]")
     check_dim(op, "k_idx", k_idx, 2, dim, "indexer head dim DI, as q_idx.shape[3]")
@@ -90,8 +97,15 @@ def check_indexer_args(
     check_non_negative(op, "q_offset", q_offset)
     if key_mask is not None:
         check_key_mask(op, key_mask, batch, lq, k_idx.shape[1])
+    if k_scale is not None:
+        check_rank(op, "k_scale", k_scale, "[B, Lk]")
+        if k_scale.dtype != torch.float32:
+            _fail(op, f"k_scale must be float32, got {k_scale.dtype}")
+        check_dim(op, "k_scale", k_scale, 0, batch, "batch, as q_idx.shape[0]")
+        check_dim(op, "k_scale", k_scale, 1, k_idx.shape[1], "keys Lk, as k_idx.shape[1]")
     check_same_device(
-        op, [("q_idx", q_idx), ("k_idx", k_idx), ("weights", weights), ("key_mask", key_mask)]
+        op, [("q_idx", q_idx), ("k_idx", k_idx), ("weights", weights), ("key_mask", key_mask),
+             ("k_scale", k_scale)]
     )
 
 

@@ -60,14 +60,15 @@ def _indexer_scores(q_idx, k_idx, weights, causal=False, q_offset=0, key_mask=No
 
 
 def _indexer_topk(q_idx, k_idx, weights, topk, causal=False, q_offset=0, key_mask=None,
-                  query_block=1, key_block=0, candidate_blocks=0):
-    checks.check_indexer_args("indexer_topk", q_idx, k_idx, weights, q_offset, key_mask)
+                  query_block=1, key_block=0, candidate_blocks=0, k_scale=None):
+    checks.check_indexer_args("indexer_topk", q_idx, k_idx, weights, q_offset, key_mask, k_scale)
     checks.check_selection_args("indexer_topk", topk, query_block, key_block, candidate_blocks)
     if key_block:  # two-stage selection: the torch implementation (runs on the GPU as well)
         return reference_indexer.indexer_topk(q_idx, k_idx, weights, topk, causal, q_offset,
-                                              key_mask, query_block, key_block, candidate_blocks)
+                                              key_mask, query_block, key_block, candidate_blocks,
+                                              k_scale)
     return tix.indexer_topk_cuda(q_idx, k_idx, weights, topk, causal, q_offset, key_mask,
-                                 query_block)
+                                 query_block, k_scale=k_scale)
 
 
 def _decomposition(impl: Callable) -> Callable:

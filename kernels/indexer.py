@@ -180,13 +180,15 @@ def indexer_topk(
     query_block: int = 1,
     key_block: int = 0,
     candidate_blocks: int = 0,
+    k_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Top-k visible keys per index row: int32 ``[B, ceil(Lq / query_block), topk]``.
 
     Entries of a row are sorted by descending score; when fewer than ``topk`` keys are visible
     (to any query of the row), the row lists all of them, then ``-1``.
     ``candidate_blocks = 0`` with ``key_block > 0`` means ``max(ceil(2 * topk / key_block),
-    MIN_CANDIDATE_BLOCKS)``.
+    MIN_CANDIDATE_BLOCKS)``. ``k_scale [B, Lk]``: per-key scales of (FP8) keys, which score as
+    ``k_scale[s] * k_idx[s]``.
     """
     batch, lq, heads, _ = q_idx.shape
     lk = k_idx.shape[1]
@@ -194,7 +196,7 @@ def indexer_topk(
     out = torch.full((batch, rows, topk), -1, dtype=torch.int32, device=q_idx.device)
     if lk == 0 or lq == 0:
         return out
-    k32 = k_idx.float()
+    k32 = k_idx.float() if k_scale is None else k_idx.float() * k_scale.float()[..., None]
     if key_block:
         bounds = block_bounds(k32, key_block)
         count = candidate_blocks or max(-(-2 * topk // key_block), MIN_CANDIDATE_BLOCKS)

@@ -12,16 +12,19 @@ Ops
     fp32 ``[B, Lq, Lk]``: ``sum_j weights[t, j] * relu(q_idx[t, j] . k_idx[s])``, ``-inf`` where
     key s is not visible to query t. Differentiable w.r.t. q_idx, k_idx, weights.
 ``dsa::indexer_topk(q_idx, k_idx, weights, topk, causal=False, q_offset=0, key_mask=None,
-query_block=1, key_block=0, candidate_blocks=0)``
+query_block=1, key_block=0, candidate_blocks=0, k_scale=None)``
     int32 ``[B, ceil(Lq / query_block), topk]``: the best visible keys per index row, sorted by
     descending score, ``-1`` padding when fewer are visible. See :mod:`.indexer` for the two
     granularity knobs (``query_block``, ``key_block``); the defaults are exact per-query top-k.
+    ``k_scale`` fp32 ``[B, Lk]``: per-key scales (FP8 keys, :mod:`.fp8`): key s scores as
+    ``k_scale[s] * k_idx[s]``.
 ``dsa::sparse_attention(q, k, v, indices, scale=None, bias=None, causal=False, q_offset=0,
 query_block=1)``
     ``(out [B, H, Lq, Dv], lse fp32 [B, H, Lq])``: softmax attention of each query over the keys
     of its index row only. Differentiable w.r.t. q, k, v, bias.
 
-Shapes: ``q_idx [B, Lq, HI, DI]``, ``k_idx [B, Lk, DI]``, ``weights [B, Lq, HI]``,
+Shapes: ``q_idx [B, Lq, HI, DI]``, ``k_idx [B, Lk, DI]`` (fp32 / fp16 / bf16, or both FP8 e4m3),
+``weights [B, Lq, HI]``,
 ``key_mask`` bool ``[B, Lk]`` or ``[B, Lq, Lk]`` (True = may be selected), ``q [B, H, Lq, D]``,
 ``k [B, Hkv, Lk, D]``, ``v [B, Hkv, Lk, Dv]``, ``indices`` int32/int64 ``[B, rows, K]``,
 ``bias`` broadcastable to ``[B, H, Lq, Lk]`` (each dim full or 1). Query t sits at absolute
@@ -100,8 +103,8 @@ indexer_scores.register_autograd(_indexer_scores_grad, setup_context=_indexer_sc
 
 
 def _check_topk_args(q_idx, k_idx, weights, topk, q_offset, key_mask, query_block, key_block,
-                     candidate_blocks):
-    checks.check_indexer_args("indexer_topk", q_idx, k_idx, weights, q_offset, key_mask)
+                     candidate_blocks, k_scale=None):
+    checks.check_indexer_args("indexer_topk", q_idx, k_idx, weights, q_offset, key_mask, k_scale)
     checks.check_selection_args("indexer_topk", topk, query_block, key_block, candidate_blocks)
 
 
@@ -117,21 +120,22 @@ def indexer_topk(
     query_block: int = 1,
     key_block: int = 0,
     candidate_blocks: int = 0,
+    k_scale: Tensor | None = None,
 ) -> Tensor:
     """Top-k visible keys per index row, int32 ``[B, ceil(Lq / query_block), topk]``, -1 padded."""
     _check_topk_args(q_idx, k_idx, weights, topk, q_offset, key_mask, query_block, key_block,
-                     candidate_blocks)
+                     candidate_blocks, k_scale)
     return indexer.indexer_topk(
         q_idx, k_idx, weights, topk, causal, q_offset, key_mask,
-        query_block, key_block, candidate_blocks,
+        query_block, key_block, candidate_blocks, k_scale,
     )
 
 
 @indexer_topk.register_fake
 def _indexer_topk_fake(q_idx, k_idx, weights, topk, causal=False, q_offset=0, key_mask=None,
-                       query_block=1, key_block=0, candidate_blocks=0):
+                       query_block=1, key_block=0, candidate_blocks=0, k_scale=None):
     _check_topk_args(q_idx, k_idx, weights, topk, q_offset, key_mask, query_block, key_block,
-                     candidate_blocks)
+                     candidate_blocks, k_scale)
     rows = checks.index_rows(q_idx.shape[1], query_block)
     return q_idx.new_empty((q_idx.shape[0], rows, topk), dtype=torch.int32)
 

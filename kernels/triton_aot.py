@@ -210,12 +210,28 @@ def indexer_scores(dtype: torch.dtype, index_heads: int, index_dim: int, query_b
                    causal: bool = True, target: GPUTarget = HOPPER) -> CompiledKernel:
     """The indexer-scores kernel as :func:`.triton_indexer.score_block` launches it for
     prefill (``query_block`` 1: per query; more: tile max)."""
-    meta = tix.scores_config(index_heads, index_dim, query_block, causal, False, False)
+    meta = tix.scores_config(index_heads, index_dim, query_block, causal, False, False,
+                             fp8=dtype == torch.float8_e4m3fn)
     t = "*" + _TRITON_TYPES[dtype]
     pointers = dict(Q=t, K=t, W="*fp32", KSCALE="*fp32", MASK="*u8", OUT="*fp32")
     return compile_kernel(tix._indexer_scores_kernel, pointers,
                           {**meta, "sq_d": 1, "sk_d": 1, "so_s": 1}, target=target,
                           as_launched=True)
+
+
+def indexer_scores_decode(dtype: torch.dtype, index_heads: int, index_dim: int,
+                          target: GPUTarget = HOPPER) -> CompiledKernel:
+    """The decode indexer-scores kernel (index heads as the product's rows) as
+    :func:`.triton_indexer.score_block` launches it for a few queries."""
+    meta = tix.scores_config(index_heads, index_dim, 1, True, False, False,
+                             fp8=dtype == torch.float8_e4m3fn)
+    t = "*" + _TRITON_TYPES[dtype]
+    pointers = dict(Q=t, K=t, W="*fp32", KSCALE="*fp32", MASK="*u8", OUT="*fp32")
+    constants = {k: meta[k] for k in ("HI", "DI", "DIP", "CAUSAL", "HAS_SCALE", "HAS_MASK")}
+    return compile_kernel(tix._indexer_scores_decode_kernel, pointers,
+                          {**constants, "HIP": max(16, triton.next_power_of_2(index_heads)),
+                           "BN": 128, "num_warps": 4, "sq_d": 1, "sk_d": 1, "so_s": 1},
+                          target=target, as_launched=True)
 
 
 # All 128 MLA heads in one program, in 16-key steps: 217 KB of shared memory, ~5 KB of spills a
@@ -253,6 +269,10 @@ def report() -> dict[str, dict]:
         torch.bfloat16, 128, 1, 576, 512, 1, tuning=MLA_ALL_HEADS)
     for qb in (1, 64):
         out[f"indexer_scores/qb{qb}"] = indexer_scores(torch.bfloat16, 8, 64, qb)
+        # FP8 (config indexer_fp8) at a 16-wide head dim: padded to the 32 FP8 products need
+        out[f"indexer_scores_fp8/qb{qb}"] = indexer_scores(torch.float8_e4m3fn, 4, 16, qb)
+    out["indexer_scores_decode/bf16"] = indexer_scores_decode(torch.bfloat16, 8, 64)
+    out["indexer_scores_decode/fp8"] = indexer_scores_decode(torch.float8_e4m3fn, 4, 16)
     out["radix_topk"] = radix_topk()
     out.update({f"cooperative_topk/{name}": kernel for name, kernel in cooperative_topk().items()})
     out["threshold_topk"] = threshold_topk()

@@ -219,7 +219,8 @@ def score_block(
                *_mask_strides(mask), *out.stride())
     pointers = (q_idx, k_idx, weights, k_scale if k_scale is not None else weights,
                 mask if mask is not None else out, out)
-    meta = scores_config(heads, dim, query_block, causal, k_scale is not None, mask is not None)
+    meta = scores_config(heads, dim, query_block, causal, k_scale is not None, mask is not None,
+                         fp8=q_idx.dtype == torch.float8_e4m3fn)
     if query_block == 1 and isinstance(queries, int) and queries <= DECODE_QUERIES:
         kernel = launch(_indexer_scores_decode_kernel) if launch is not None \
             else _indexer_scores_decode_kernel
@@ -236,10 +237,11 @@ def score_block(
 
 
 def scores_config(heads: int, dim: int, query_block: int, causal: bool, has_scale: bool,
-                  has_mask: bool) -> dict:
-    """Compile-time arguments of the prefill scores kernel (shared with AOT compilation)."""
+                  has_mask: bool, fp8: bool = False) -> dict:
+    """Compile-time arguments of the prefill scores kernel (shared with AOT compilation); FP8
+    products need a reduction of at least 32 (head dims below are zero-padded)."""
     block_q = 64 if query_block == 1 else max(16, min(64, triton.next_power_of_2(query_block)))
-    return dict(HI=heads, DI=dim, DIP=max(16, triton.next_power_of_2(dim)),
+    return dict(HI=heads, DI=dim, DIP=max(32 if fp8 else 16, triton.next_power_of_2(dim)),
                 QUERY_BLOCK=query_block, BQ=block_q, BN=128 if dim <= 64 else 64, CAUSAL=causal,
                 HAS_SCALE=has_scale, HAS_MASK=has_mask, num_warps=4 if block_q <= 32 else 8)
 

@@ -193,11 +193,12 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, inputs, config: DSAConfig,
     _lower(gm.graph, site, dsa_attention, *params, topk=config.topk,
            dense_up_to=config.dense_up_to, query_block=config.query_block,
            key_block=config.key_block, candidate_blocks=config.candidate_blocks,
-           per_kv_head=indexer.info.per_kv_head)
+           per_kv_head=indexer.info.per_kv_head, indexer_fp8=config.indexer_fp8)
     site.indexer = name
     site.index_init = indexer.info.init
     site.granularity = describe_granularity(request.device, config, indexer.groups)
-    site.reason = f"rewritten: top-{config.topk} above {config.dense_up_to} keys"
+    site.reason = f"rewritten: top-{config.topk} above {config.dense_up_to} keys" \
+        + (", FP8 indexer" if config.indexer_fp8 else "")
 
 
 def site_request(site: AttentionSite, inputs: dict[fx.Node, torch.Tensor]) -> SiteRequest:

@@ -26,7 +26,10 @@ class OnnxExportError(ValueError):
 
 
 def _indexer_topk(q_idx, k_idx, weights, topk, causal=False, q_offset=0, key_mask=None,
-                  query_block=1, key_block=0, candidate_blocks=0):
+                  query_block=1, key_block=0, candidate_blocks=0, k_scale=None):
+    if k_scale is not None:
+        raise OnnxExportError("dsa::indexer_topk with FP8 keys (k_scale) has no ONNX form yet: "
+                              "export with indexer_fp8=False")
     if key_block:
         raise OnnxExportError(
             f"dsa::indexer_topk with key_block={key_block} (two-stage selection) has no ONNX "

@@ -102,3 +102,28 @@ def test_plain_pytorch_decoder_is_rewritten_and_exact_at_full_top_k():
         sparse = dsa_compile.compile(model, mode="eager", topk=8, **options)(ids)
     torch.testing.assert_close(exact, dense, rtol=0, atol=1e-3 if DEVICE == "cuda" else 1e-5)
     assert not torch.allclose(sparse, dense, atol=1e-3)
+
+
+def test_fp8_indexer_compiles_and_selects_close_to_the_16_bit_one():
+    """``indexer_fp8`` under Inductor where the model lives (on a GPU: the quantisation traced
+    into the graph, FP8 products on the indexer kernel): dense where top-k covers every key,
+    most of the 16-bit selection where it does not."""
+    from dsa_compile.kernels.attention import capture_selections
+
+    model = tiny_model("llama", "sdpa").to(DEVICE)
+    ids = torch.randint(0, 100, (1, 48), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    options = dict(topk=12, query_block=1, key_block=0)
+    with torch.no_grad():
+        dense = model(ids).logits
+        torch.compiler.reset()
+        full = dsa_compile.compile(model, indexer_fp8=True, **{**options, "topk": 48})(ids).logits
+        torch.testing.assert_close(full, dense, rtol=1e-3, atol=1e-4)
+        torch.compiler.reset()
+        with capture_selections() as wide:
+            dsa_compile.compile(model, mode="eager", **options)(ids)
+        with capture_selections() as narrow:
+            dsa_compile.compile(model, mode="eager", indexer_fp8=True, **options)(ids)
+    shared = [len(set(a.tolist()) & set(b.tolist())) / len(b)
+              for x, y in zip(narrow, wide, strict=True)
+              for a, b in zip(x.flatten(0, -2), y.flatten(0, -2), strict=True)]
+    assert sum(shared) / len(shared) >= 0.8

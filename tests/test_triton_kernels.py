@@ -615,6 +615,23 @@ def test_auto_selector_takes_radix_for_few_rows_only(monkeypatch):
         tix.selector(torch.empty(1, 1, 5))
 
 
+@pytest.mark.parametrize("name", ["causal", "full mask", "decode"])
+@pytest.mark.parametrize("query_block", [1, 4])
+def test_fp8_indexer_topk_on_the_kernel(name, query_block):
+    """FP8 e4m3 queries and keys with per-key scales (config ``indexer_fp8``): the kernel picks
+    the best keys by the scores of the dequantised inputs, in descending order."""
+    from dsa_compile.kernels.fp8 import quantize_indexer
+
+    q, k, w, causal, off, mask = _indexer_inputs(INDEXER_CASES[name])
+    q8, k8, w8, k_scale = quantize_indexer(q, k, w)
+    got = tix.indexer_topk_cuda(q8, k8, w8, 12, causal, off, mask, query_block, k_scale=k_scale)
+    dequantised = indexer_scores_reference(q8.float(), k8.float() * k_scale[..., None], w8,
+                                           causal, off, mask)
+    assert_rows_descending(got.cpu(), row_scores(dequantised.cpu(), query_block),
+                           1e-4 if DEVICE == "cpu" else 1e-2)
+    assert (got[..., 0] >= 0).all()
+
+
 class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the aten calls that read device memory back to the host (``.item()``, ``bool()``,
     outputs shaped by data): each a sync on a GPU, and an error inside a CUDA graph capture."""
@@ -691,14 +708,17 @@ def test_kernels_compile_for_hopper():
     assert set(report) == {*(f"sparse_attention{part}/{c}" for c in configs
                              for part in ("", "_backward")),
                            "sparse_attention/mla_mqa_128_rows", "indexer_scores/qb1",
-                           "indexer_scores/qb64", *SELECTOR_KERNELS,
+                           "indexer_scores/qb64", "indexer_scores_fp8/qb1",
+                           "indexer_scores_fp8/qb64", "indexer_scores_decode/bf16",
+                           "indexer_scores_decode/fp8", *SELECTOR_KERNELS,
                            *(f"sparse_attention_backward_{part}/llama8b_tile64"
                              for part in ("key_major", "key_major_split", "dq"))}
     # Per-query selection with 4 heads a kv head has 16 rows a program: too few for a warpgroup
     # MMA (64 rows), so that forward config uses mma.sync; so does the MLA backward (its 512-wide
-    # dV accumulators in 32-key steps), and the top-k selector has no matrix product at all.
+    # dV accumulators in 32-key steps), as does the decode indexer kernel (16 rows: the index
+    # heads of one query), and the top-k selectors have no matrix product at all.
     no_wgmma = {"sparse_attention/llama8b_exact", "sparse_attention_backward/mla_mqa",
-                *SELECTOR_KERNELS}
+                "indexer_scores_decode/bf16", "indexer_scores_decode/fp8", *SELECTOR_KERNELS}
     for name, kernel in report.items():
         assert kernel["fits"], (name, kernel)
         assert kernel["wgmma"] is (name not in no_wgmma), (name, kernel)
