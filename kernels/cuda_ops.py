@@ -63,12 +63,26 @@ def _indexer_topk(q_idx, k_idx, weights, topk, causal=False, q_offset=0, key_mas
                   query_block=1, key_block=0, candidate_blocks=0, k_scale=None):
     checks.check_indexer_args("indexer_topk", q_idx, k_idx, weights, q_offset, key_mask, k_scale)
     checks.check_selection_args("indexer_topk", topk, query_block, key_block, candidate_blocks)
+    if q_idx.dtype == torch.float8_e4m3fn:
+        _check_fp8_products(q_idx.device)
     if key_block:  # two-stage selection: the torch implementation (runs on the GPU as well)
         return reference_indexer.indexer_topk(q_idx, k_idx, weights, topk, causal, q_offset,
                                               key_mask, query_block, key_block, candidate_blocks,
                                               k_scale)
     return tix.indexer_topk_cuda(q_idx, k_idx, weights, topk, causal, q_offset, key_mask,
                                  query_block, k_scale=k_scale)
+
+
+def _check_fp8_products(device: torch.device) -> None:
+    """FP8 tensor-core products need compute capability 8.9 (Ada) or later."""
+    if device.type != "cuda":  # the interpreter (tests) runs them on the CPU
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise checks.DSAInputError(
+            f"dsa.indexer_topk: FP8 indexer inputs (indexer_fp8=True) need FP8 tensor cores "
+            f"(compute capability 8.9+, Ada / Hopper); {torch.cuda.get_device_name(device)} is "
+            f"sm_{major}{minor}: use indexer_fp8=False")
 
 
 def _decomposition(impl: Callable) -> Callable:

@@ -632,6 +632,24 @@ def test_fp8_indexer_topk_on_the_kernel(name, query_block):
     assert (got[..., 0] >= 0).all()
 
 
+def test_fp8_indexer_refuses_gpus_without_fp8_products(monkeypatch):
+    """An A100 (sm_80) has no FP8 tensor cores: a clear error naming the option, not a Triton
+    compile error deep in the kernel."""
+    from dsa_compile.kernels.fp8 import quantize_indexer
+
+    q8, k8, w8, k_scale = quantize_indexer(*make_indexer_inputs(1, 4, 40, 4, 32))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    on_gpu = torch.device("cuda")
+    with pytest.raises(DSAInputError, match="sm_80: use indexer_fp8=False"):
+        cuda_ops._check_fp8_products(on_gpu)
+    cuda_ops._check_fp8_products(torch.device("cpu"))  # the interpreter: no GPU to ask
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda_ops._check_fp8_products(on_gpu)
+    got = cuda_ops._indexer_topk(q8, k8, w8, 8, True, 36, k_scale=k_scale)
+    assert got.shape == (1, 4, 8)
+
+
 class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the aten calls that read device memory back to the host (``.item()``, ``bool()``,
     outputs shaped by data): each a sync on a GPU, and an error inside a CUDA graph capture."""
