@@ -91,6 +91,16 @@ def bench(fn, dev: torch.device, rep_ms: int = 200) -> float:
     return statistics.median(times)
 
 
+def same_selection(found: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor, k: int) -> bool:
+    """Whether ``found = (values, indices)`` holds the values and key sets ``topk_lowest_ties``
+    selects from ``rows`` (``-inf`` entries, which the callers drop, compared as -1)."""
+    values, index = found
+    want_values, want_index = topk_lowest_ties(rows, k)
+    return torch.equal(values, want_values) and torch.equal(
+        index.masked_fill(torch.isneginf(values), -1).sort(-1).values,
+        want_index.masked_fill(torch.isneginf(want_values), -1).sort(-1).values)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     if torch.isnan(out).any():
@@ -246,11 +256,7 @@ def check_indexer(dev, dtype, small: bool) -> None:
     rows[:8, 100:] = float("-inf")
     for k, segments in ((1, None), (300, None), (2048, None), (300, 4), (1000, 5)):
         part = rows[:2] if segments else rows  # 2 rows in slices, as a decode step runs them
-        values, index = radix_topk(part, k, segments=segments)
-        want_values, want_index = topk_lowest_ties(part, k)
-        same = torch.equal(values, want_values) and torch.equal(
-            index.masked_fill(torch.isneginf(values), -1).sort(-1).values,
-            want_index.masked_fill(torch.isneginf(want_values), -1).sort(-1).values)
+        same = same_selection(radix_topk(part, k, segments=segments), part, k)
         check(f"radix_topk k={k} segments={segments or 'auto'} = topk_lowest_ties (values, key "
               "sets)", 0.0 if same else 1.0, 0.5)
     # the cooperative selector: many programs a row racing on the same histograms and counter
@@ -261,11 +267,7 @@ def check_indexer(dev, dtype, small: bool) -> None:
         ((1, 2048, None), (8, 2048, None), (2, 300, 37), (8, 1, None))
     for count, k, slices in cases:
         part = long_rows[:count]
-        values, index = cooperative_topk(part, k, slices=slices)
-        want_values, want_index = topk_lowest_ties(part, k)
-        same = torch.equal(values, want_values) and torch.equal(
-            index.masked_fill(torch.isneginf(values), -1).sort(-1).values,
-            want_index.masked_fill(torch.isneginf(want_values), -1).sort(-1).values)
+        same = same_selection(cooperative_topk(part, k, slices=slices), part, k)
         check(f"cooperative_topk {count} x {long_rows.shape[1]} k={k} slices={slices or 'auto'} "
               "= topk_lowest_ties (values, key sets)", 0.0 if same else 1.0, 0.5)
     # the threshold selector: rows of ReLU scores, of ties, of -inf, ordered along the row
@@ -278,12 +280,9 @@ def check_indexer(dev, dtype, small: bool) -> None:
         done = torch.empty(rows_t.shape[0], dtype=torch.int8, device=dev)
         index = torch.empty(1, rows_t.shape[0], k, dtype=torch.int64, device=dev)
         ttt.threshold_topk_into(rows_t[None], k, index, done)
-        want_values, want_index = topk_lowest_ties(rows_t, k)
         got_values = rows_t.gather(-1, index[0].clamp_min(0)).masked_fill(index[0] < 0,
                                                                           float("-inf"))
-        same = torch.equal(got_values, want_values) and torch.equal(
-            index[0].masked_fill(torch.isneginf(got_values), -1).sort(-1).values,
-            want_index.masked_fill(torch.isneginf(want_values), -1).sort(-1).values)
+        same = same_selection((got_values, index[0]), rows_t, k)
         check(f"threshold_topk {rows_t.shape[0]} x {rows_t.shape[1]} k={k} = topk_lowest_ties "
               f"(values, key sets; {int(done.sum())} rows settled in one pass)",
               0.0 if same else 1.0, 0.5)
