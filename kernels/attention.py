@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from ..config import DECODE_QUERIES, device_granularity
 from . import decode
-from .checks import DSAInputError
 from .fp8 import quantize_indexer
 from .ops import indexer_topk, sparse_attention
 
@@ -244,13 +243,10 @@ def dsa_attention(
     """
     lk = k.shape[2]
     if torch.compiler.is_exporting():
-        if indexer_fp8:
-            raise DSAInputError("indexer_fp8=True has no ONNX export yet (FP8 inputs of a "
-                                "custom-domain op): export with indexer_fp8=False, which "
-                                "selects the same keys up to FP8 rounding")
         return _exported_attention(q, k, v, attn_mask, (q_proj, k_proj, head_weights), is_causal,
                                    scale, enable_gqa, topk, dense_up_to,
-                                   (query_block, key_block, candidate_blocks), per_kv_head)
+                                   (query_block, key_block, candidate_blocks), per_kv_head,
+                                   indexer_fp8)
     dense = lk <= dense_up_to
     select_all = topk >= lk
 
@@ -342,7 +338,7 @@ def _exported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         indexer: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                         is_causal: bool, scale: float | None, enable_gqa: bool, topk: int,
                         dense_up_to: int, blocks: tuple[int | None, int | None, int],
-                        per_kv_head: bool) -> torch.Tensor:
+                        per_kv_head: bool, indexer_fp8: bool = False) -> torch.Tensor:
     """:func:`dsa_attention` under ``torch.export``: one program for every sequence length.
     ``torch.cond`` picks dense SDPA at ``<= dense_up_to`` keys (an ONNX ``If``), else the
     sparse ops with ``topk`` slots per row (rows with fewer visible keys end in ``-1``, which is
@@ -368,7 +364,7 @@ def _exported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # a full selection differs from the eager one by at most e^-100 of a row's mass.
         return _sparse(q_attend, k, v, mask[0] if mask else None,
                        (q_proj, k_proj, head_weights), is_causal, scale, topk, False, blocks,
-                       per_kv_head, indexer_q=q).reshape(-1)
+                       per_kv_head, indexer_q=q, indexer_fp8=indexer_fp8).reshape(-1)
 
     short = k.shape[2] <= dense_up_to
     if isinstance(short, bool):  # a static length: no branch to keep

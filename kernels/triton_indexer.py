@@ -30,13 +30,13 @@ from .triton_topk_threshold import threshold_topk_into
 
 # How a chunk's score rows are ranked: "torch" (torch.topk of k + 1, then the tie rule), "radix"
 # (:mod:`.triton_topk`: one launch, ties by the same rule in the same pass, no host sync),
-# "cooperative" (:mod:`.triton_topk_cooperative`: many programs a row, six launches; for decode's
-# few long rows), "threshold" (:mod:`.triton_topk_threshold`: one pass a row over a sampled
-# floor; for prefill chunks) -- these two write the int32 indices themselves and are not yet
-# timed -- or "auto": radix for fewer than RADIX_MAX_ROWS rows, torch.topk otherwise. Timed on an H200
-# (BENCHMARKS.md, run 7, decode at 128K): one row 0.45 ms radix vs 0.72 torch, 8 rows 0.48 vs
-# 0.42; prefill chunks of 2048 rows lose with radix beyond 32K keys (run 6). The cut between
-# 1 and 8 rows is not measured.
+# "cooperative" (:mod:`.triton_topk_cooperative`: many programs a row, six launches; for
+# decode's few long rows), "threshold" (:mod:`.triton_topk_threshold`: one pass a row over a
+# sampled floor; for prefill chunks) -- these two write the int32 indices themselves and are
+# not yet timed -- or "auto": radix for fewer than RADIX_MAX_ROWS rows, torch.topk otherwise.
+# Timed on an H200 (BENCHMARKS.md, run 7, decode at 128K): one row 0.45 ms radix vs 0.72 torch,
+# 8 rows 0.48 vs 0.42; prefill chunks of 2048 rows lose with radix beyond 32K keys (run 6). The
+# cut between 1 and 8 rows is not measured.
 SELECTORS = ("torch", "radix", "cooperative", "threshold", "auto")
 SELECTOR = "auto"
 RADIX_MAX_ROWS = 4

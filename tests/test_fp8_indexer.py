@@ -110,6 +110,24 @@ def test_generate_with_an_fp8_indexer_decodes_sparse_like_a_full_forward():
     torch.testing.assert_close(torch.stack(out.logits, 1)[0], full, rtol=0, atol=1e-5)
 
 
+def test_torch_export_keeps_the_fp8_indexer():
+    """``dsa_compile.export`` holds the quantisation and ``indexer_topk`` with its key scales,
+    and computes what the compiled FP8 model computes."""
+    model = tiny_model("llama", "sdpa")
+    model.config.use_cache = False
+    ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(5))
+    options = dict(topk=8, query_block=1, key_block=0, indexer_fp8=True)
+    program = dsa_compile.export(model, (ids,), **options)
+    topk_calls = [n for n in program.graph.nodes if str(n.target) == "dsa.indexer_topk.default"]
+    assert len(topk_calls) == 2
+    assert all(n.args[1].meta["val"].dtype == FP8 and n.args[-1].meta["val"].shape == (1, 40)
+               for n in topk_calls)
+    with torch.no_grad():
+        expected = dsa_compile.compile(model, mode="eager", **options)(ids).logits
+        got = program.module()(ids)[0]
+    torch.testing.assert_close(got, expected)
+
+
 def test_onnx_export_refuses_the_fp8_indexer(tmp_path):
     pytest.importorskip("onnxscript")
     model = tiny_model("llama", "sdpa")
