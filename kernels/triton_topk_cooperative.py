@@ -63,6 +63,17 @@ def _resolve(hist_row, k, ROUNDS: tl.constexpr, BINS: tl.constexpr):
 
 
 @triton.jit
+def _row_state(scores, workspace, row, k, rows_per_batch, stride_batch, stride_row,
+               ROUNDS: tl.constexpr, BINS: tl.constexpr):
+    """A program's view of its row: the row's scores, its workspace (three histograms, then the
+    slot counter) and the k-th best key's digits resolved by rounds ``[0, ROUNDS)``."""
+    hist_row = workspace + row.to(tl.int64) * (3 * BINS + 1)
+    prefix, wanted = _resolve(hist_row, k, ROUNDS, BINS)
+    return (_row_pointer(scores, row, rows_per_batch, stride_batch, stride_row), hist_row,
+            prefix, wanted)
+
+
+@triton.jit
 def cooperative_round_kernel(scores, workspace, own, skip, n, k, slice_len, slices,
                              rows_per_batch, stride_batch, stride_row, ROUND: tl.constexpr,
                              BLOCK: tl.constexpr, BINS: tl.constexpr, LAST_BINS: tl.constexpr,
@@ -75,9 +86,8 @@ def cooperative_round_kernel(scores, workspace, own, skip, n, k, slice_len, slic
     if HAS_SKIP:  # noqa: SIM102  (compile-time: no load at all without a skip list)
         if tl.load(skip + row) != 0:
             return
-    base = _row_pointer(scores, row, rows_per_batch, stride_batch, stride_row)
-    hist_row = workspace + row.to(tl.int64) * (3 * BINS + 1)
-    prefix, wanted = _resolve(hist_row, k, ROUND, BINS)
+    base, hist_row, prefix, wanted = _row_state(scores, workspace, row, k, rows_per_batch,
+                                                stride_batch, stride_row, ROUND, BINS)
     high = 32 - 11 * ROUND
     shift = (high - 11) * (high > 11)
     offs = tl.arange(0, BLOCK)
@@ -110,9 +120,8 @@ def cooperative_write_kernel(scores, workspace, own, skip, pairs, n, k, slice_le
     if HAS_SKIP:  # noqa: SIM102  (compile-time: no load at all without a skip list)
         if tl.load(skip + row) != 0:
             return
-    base = _row_pointer(scores, row, rows_per_batch, stride_batch, stride_row)
-    hist_row = workspace + row.to(tl.int64) * (3 * BINS + 1)
-    prefix, wanted = _resolve(hist_row, k, 3, BINS)
+    base, hist_row, prefix, wanted = _row_state(scores, workspace, row, k, rows_per_batch,
+                                                stride_batch, stride_row, 3, BINS)
     # entries equal to the k-th best key in earlier slices (their last round's histograms)
     earlier = tl.arange(0, SLICES)
     ties = tl.sum(tl.load(own + (row.to(tl.int64) * slices + earlier) * LAST_BINS

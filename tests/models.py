@@ -84,3 +84,21 @@ class OpCounter:
                 name = event.name.replace("::", ".")
                 self.counts[name] = self.counts.get(name, 0) + 1
         return False
+
+
+class DispatchLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op call below autograd as ``(func, args, kwargs)`` (eager only: Dynamo
+    skips code run under a dispatch mode; ``OpCounter`` counts compiled runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+    def names(self) -> list[str]:
+        """The called ops' base names (``"_local_scalar_dense"``, ``"nonzero"``, ...)."""
+        return [func.overloadpacket.__name__ for func, _, _ in self.calls]

@@ -143,29 +143,19 @@ def test_rewritten_sites_promise_unique_rows_and_user_rows_do_not():
     """dsa_attention hands the indexer's own top-k rows to dsa::sparse_attention with
     unique_indices=True (the CUDA path then skips its sort); the op's default keeps set
     semantics for rows a user passes."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from models import DispatchLog
 
     from dsa_compile.kernels.attention import dsa_attention
     from dsa_compile.passes.indexer_init import initial_indexer
 
-    class Record(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.promises: list[bool] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is torch.ops.dsa.sparse_attention.default:
-                self.promises.append(bool(kwargs.get("unique_indices",
-                                                     args[9] if len(args) > 9 else False)))
-            return func(*args, **kwargs)
-
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, 40, 16, generator=gen) for _ in range(3))
     init = initial_indexer(4, 4, 16, 2, 8, None, None)
-    with Record() as record:
+    with DispatchLog() as log:
         dsa_attention(q, k, v, None, init.q_proj, init.k_proj, init.head_weights, is_causal=True,
                       scale=None, enable_gqa=False, topk=8, dense_up_to=0, query_block=4,
                       key_block=0, candidate_blocks=0)
         torch.ops.dsa.sparse_attention(q, k, v, torch.zeros(1, 40, 3, dtype=torch.int32))
-    assert record.promises == [True, False]
+    promises = [bool(kwargs.get("unique_indices", args[9] if len(args) > 9 else False))
+                for func, args, kwargs in log.calls if func is torch.ops.dsa.sparse_attention.default]
+    assert promises == [True, False]

@@ -17,6 +17,7 @@ triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs a GPU or TRITON_INTERPRET=1 (set by conftest.py)", allow_module_level=True)
 
+from models import DispatchLog  # noqa: E402
 from test_indexer import assert_rows_descending, row_scores  # noqa: E402
 
 from dsa_compile.kernels import DSAInputError, cuda_ops  # noqa: E402
@@ -650,21 +651,10 @@ def test_fp8_indexer_refuses_gpus_without_fp8_products(monkeypatch):
     assert got.shape == (1, 4, 8)
 
 
-class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the aten calls that read device memory back to the host (``.item()``, ``bool()``,
-    outputs shaped by data): each a sync on a GPU, and an error inside a CUDA graph capture."""
-
-    READS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive",
-             "unique_dim")
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in self.READS:
-            self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
+# aten calls that read device memory back to the host (``.item()``, ``bool()``, outputs shaped
+# by data): each a sync on a GPU, and an error inside a CUDA graph capture
+HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive",
+              "unique_dim"}
 
 
 @pytest.mark.parametrize("choice", ["torch", "radix", "cooperative", "threshold"])
@@ -682,11 +672,12 @@ def test_kernel_selectors_never_wait_for_the_device(choice, queries, monkeypatch
     torch.manual_seed(0)
     q_idx, k_idx, w = _on_device(*make_indexer_inputs(2, queries, 3000, 4, 16))
     q, k, v = _on_device(*make_attention_inputs(2, 4, 2, queries, 3000, 16, 16))
-    with _HostReads() as probe:
+    with DispatchLog() as log:
         sel = cuda_ops._indexer_topk(q_idx, k_idx, w, 40, True, 3000 - queries)
         tsa.sparse_attention_fwd(q, k, v, sel, 0.25, None, True, 3000 - queries, 1)
+    reads = [name for name in log.names() if name in HOST_READS]
     assert sel.shape == (2, queries, 40) and (sel >= 0).all()
-    assert bool(probe.seen) is (choice == "torch"), probe.seen
+    assert bool(reads) is (choice == "torch"), reads
 
 
 def test_topk_in_bounded_chunks_equals_one_chunk():
