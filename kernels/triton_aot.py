@@ -267,6 +267,10 @@ def report() -> dict[str, dict]:
     # benchmarks/gpu_check.py --only mla times it: 50 TFLOP/s in run 6)
     out["sparse_attention/mla_mqa_128_rows"] = sparse_attention_forward(
         torch.bfloat16, 128, 1, 576, 512, 1, tuning=MLA_ALL_HEADS)
+    # MLA with V read from the K tile (v = k[..., :512]): Q stays in shared memory, one
+    # 576-wide gather a key step (tsa.SHARED_KV_VIEWS; gpu_check --only mla times it)
+    out["sparse_attention/mla_mqa_shared_kv"] = sparse_attention_forward(
+        torch.bfloat16, 128, 1, 576, 512, 1, tuning={"shared_kv": True})
     for qb in (1, 64):
         out[f"indexer_scores/qb{qb}"] = indexer_scores(torch.bfloat16, 8, 64, qb)
         # FP8 (config indexer_fp8) at a 16-wide head dim: padded to the 32 FP8 products need

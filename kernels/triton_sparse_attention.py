@@ -148,6 +148,7 @@ def _sparse_attention_fwd(
     D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRELOAD_Q: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
+    SHARED_KV: tl.constexpr = False,
 ):
     """Grid: (rows * sub-tiles, Hkv * head blocks, B * splits). ``qk_scale`` includes log2(e).
     Innermost strides are compile-time constants (1 in practice), so the channel loads are
@@ -155,7 +156,11 @@ def _sparse_attention_fwd(
 
     ``PRELOAD_Q``: the program's queries are loaded once as ``D_MAIN`` (a power of two) plus
     ``D_TAIL`` (padded rest) channels; otherwise chunks of ``BD`` channels are reloaded per
-    step (less register/shared memory for large D)."""
+    step (less register/shared memory for large D).
+
+    ``SHARED_KV`` (with ``PRELOAD_Q`` and ``DV == D_MAIN``): ``V`` is the first ``DV`` channels of
+    ``K`` (MLA's latent cache), so the gathered ``K`` tile serves as the ``V`` tile and ``V`` is
+    never read; the launcher sets it only when the two tensors are that view."""
     pid_row = tl.program_id(0)
     pid_head = tl.program_id(1)
     pid_batch = tl.program_id(2)
@@ -209,7 +214,7 @@ def _sparse_attention_fwd(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vc = _gather_keys(v_base, idx, key_ok, sv_s, sv_d, DV, BDV)
+        vc = k_main if SHARED_KV else _gather_keys(v_base, idx, key_ok, sv_s, sv_d, DV, BDV)
         acc = acc * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
         m_i = m_new
     has_keys = l_i > 0.0
@@ -234,6 +239,7 @@ def sparse_attention_fwd_plugin(
     D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRELOAD_Q: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
+    SHARED_KV: tl.constexpr,
 ):
     """:func:`_sparse_attention_fwd` in TensorRT's plugin calling convention: the input
     pointers, then the int32 scalars, then the output pointers; one split (``split_len =
@@ -245,6 +251,7 @@ def sparse_attention_fwd_plugin(
         sb_b, sb_h, sb_t, sb_s, so_b, so_h, so_t, 0, 1, sl_b, sl_h, sl_t, 0,
         LQ, LK, TOPK, GROUP, q_offset, QK_SCALE, TOPK,
         QUERY_BLOCK, QB, GB, D, BD, DV, BDV, BK, CAUSAL, HAS_BIAS, PRELOAD_Q, D_MAIN, D_TAIL,
+        SHARED_KV,
     )
 
 
@@ -466,6 +473,22 @@ def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return tuple(s if n > 1 else 0 for s, n in zip(t.stride(), t.shape, strict=True))
 
 
+# Read V from the gathered K tile when ``v`` is ``k[..., :Dv]`` with ``Dv`` the power-of-two
+# part of ``D`` (MLA's latent cache: 576 = 512 + 64). Compiled for sm_90 it keeps Q in shared
+# memory and gathers one 576-wide tile a key step (148 KB, no spills) where the default
+# reloads Q's 64-channel chunks every step and gathers K and V apart (213 KB). Off until timed
+# on a GPU (``benchmarks/gpu_check.py --only mla``, variant ``{'shared_kv': True}``).
+SHARED_KV_VIEWS = False
+
+
+def is_channel_prefix(v: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether ``v`` is ``k[..., :Dv]``: the same storage, start and strides, fewer channels
+    (MLA's value is the first 512 channels of its 576-channel latent key)."""
+    return (v.device == k.device and v.dtype == k.dtype and v.data_ptr() == k.data_ptr()
+            and v.shape[:-1] == k.shape[:-1] and v.stride() == k.stride()
+            and v.shape[-1] <= k.shape[-1])
+
+
 def choose_splits(programs: int, topk: int, block_k: int, device: torch.device) -> int:
     """How many programs share one index row: enough programs to fill the GPU (decode)."""
     if device.type != "cuda":
@@ -519,10 +542,15 @@ def forward_config(group: int, query_block: int, dim: int, dim_v: int, causal: b
                     tuning.get("block_k"))
     big = tiling.BDV >= 256 or dim > 256
     d_main, d_tail = split_channels(dim)
+    shared_kv = bool(tuning.get("shared_kv", False))
+    if shared_kv and dim_v != d_main:
+        raise ValueError(f"shared_kv reads V as the first {d_main} channels of K (dim {dim}); "
+                         f"dim_v is {dim_v}")
     meta = dict(
         QUERY_BLOCK=query_block, QB=tiling.QB, GB=tiling.GB, D=dim, BD=tiling.BD, DV=dim_v,
         BDV=tiling.BDV, BK=tiling.BK, CAUSAL=causal, HAS_BIAS=has_bias,
-        PRELOAD_Q=tuning.get("preload_q", dim <= 256), D_MAIN=d_main, D_TAIL=d_tail,
+        PRELOAD_Q=shared_kv or tuning.get("preload_q", dim <= 256), D_MAIN=d_main, D_TAIL=d_tail,
+        SHARED_KV=shared_kv,
         num_warps=tuning.get("num_warps", 8 if big else 4), num_stages=tuning.get("num_stages", 2),
     )
     return tiling, meta
@@ -546,12 +574,22 @@ def sparse_attention_fwd(
 
     ``launch`` wraps the kernel (``torch.library.wrap_triton`` under torch.compile); ``splits``
     overrides the split-key count (decode); ``tuning`` overrides ``rows_target``, ``block_k``,
-    ``num_warps``, ``num_stages`` (benchmarks). Indices must be unique per row.
+    ``num_warps``, ``num_stages``, ``preload_q``, ``shared_kv`` (benchmarks; without it, V is
+    read from the K tile when :data:`SHARED_KV_VIEWS` and ``v`` is ``k[..., :Dv]``). Indices must
+    be unique per row.
     """
     batch, heads, lq, dim = q.shape
     kv_heads, lk, dim_v = k.shape[1], k.shape[2], v.shape[3]
     group = heads // kv_heads
     rows, topk = indices.shape[1], indices.shape[2]
+    tuning = dict(tuning or {})
+    # Aliasing is a fact of real tensors only: traced launches (``launch``) read V apart.
+    if "shared_kv" not in tuning:
+        tuning["shared_kv"] = (SHARED_KV_VIEWS and launch is None
+                               and dim_v == split_channels(dim)[0] and is_channel_prefix(v, k))
+    elif tuning["shared_kv"] and (launch is not None or not is_channel_prefix(v, k)):
+        raise ValueError("shared_kv needs v to be k[..., :dim_v] (the same storage and strides) "
+                         "in a direct launch")
     tiling, meta = forward_config(group, query_block, dim, dim_v, causal, bias is not None, tuning)
     grid0 = rows * tiling.sub_tiles
     grid1 = kv_heads * tiling.head_blocks

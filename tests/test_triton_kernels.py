@@ -94,6 +94,73 @@ def test_sparse_attention_forward_matches_reference(name, monkeypatch):
     torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=1e-4)
 
 
+# MLA's form: V is the first Dv channels of K, Dv the power-of-two part of D (576 = 512 + 64).
+SHARED_KV_CASES = {
+    # name: as SPARSE_CASES (Dv = D's power-of-two part; V is then made a view of K)
+    "latent 80 = 64 + 16, causal": (1, 16, 1, 3, 70, 80, 64, 50, True, 67, 1, None, None),
+    "latent 48 = 32 + 16, tile2 bias": (1, 16, 1, 4, 90, 48, 32, 60, False, 0, 2, (1, 1, 4, 90),
+                                       None),
+    "latent decode splits": (2, 16, 1, 1, 120, 80, 64, 100, True, 119, 1, None, 3),
+}
+
+
+def _shared_kv_flags(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Wraps :func:`tsa.forward_config`; the returned list gets each launch's ``SHARED_KV``."""
+    flags: list[bool] = []
+    real = tsa.forward_config
+
+    def spy(*args, **kwargs):
+        tiling, meta = real(*args, **kwargs)
+        flags.append(meta["SHARED_KV"])
+        return tiling, meta
+
+    monkeypatch.setattr(tsa, "forward_config", spy)
+    return flags
+
+
+@pytest.mark.parametrize("name", list(SHARED_KV_CASES))
+@pytest.mark.parametrize("how", ["asked", "auto"])
+def test_shared_kv_reads_v_from_the_k_tile(name, how, monkeypatch):
+    """With ``v = k[..., :Dv]`` the kernel reads V from the gathered K tile (asked for by the
+    tuning, or found by the launcher when :data:`tsa.SHARED_KV_VIEWS`), in 16-key steps so
+    that rows span several steps: the result is the reference's."""
+    q, k, _, idx, bias, scale, causal, off, qb, splits = _inputs(SHARED_KV_CASES[name])
+    v = k[..., :SHARED_KV_CASES[name][6]]
+    tuning = {"block_k": 16, **({"shared_kv": True} if how == "asked" else {})}
+    monkeypatch.setattr(tsa, "SHARED_KV_VIEWS", how == "auto")
+    flags = _shared_kv_flags(monkeypatch)
+    out, lse = tsa.sparse_attention_fwd(q, k, v, idx, scale, bias, causal, off, qb, splits=splits,
+                                        tuning=tuning)
+    assert flags == [True]
+    ref_out, ref_lse = sparse_attention_reference(q, k, v, idx, scale, bias, causal, off, qb)
+    torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=1e-4)
+
+
+def test_shared_kv_only_where_v_is_a_view_of_k(monkeypatch):
+    """V is read from K only when it is K's storage: a copy of the same values, another
+    channel count, or a traced launch reads V apart (auto) or is an error (asked)."""
+    q, k, _, idx, bias, scale, causal, off, qb, _ = _inputs(SHARED_KV_CASES["latent 80 = 64 + 16, causal"])
+    view, copy = k[..., :64], k[..., :64].clone()
+    monkeypatch.setattr(tsa, "SHARED_KV_VIEWS", True)
+    flags = _shared_kv_flags(monkeypatch)
+    for v in (copy, k[..., :48]):  # not K's storage; not the power-of-two part
+        out, _ = tsa.sparse_attention_fwd(q, k, v, idx, scale, bias, causal, off, qb)
+        torch.testing.assert_close(out, sparse_attention_reference(q, k, v, idx, scale, bias,
+                                                                   causal, off, qb)[0],
+                                   atol=ATOL, rtol=1e-4)
+    assert flags == [False, False]
+    assert not tsa.is_channel_prefix(copy, k) and not tsa.is_channel_prefix(view, k.clone())
+    half_rows = k.as_strided(view.shape, (*k.stride()[:2], k.stride(2) // 2, 1))  # same start
+    assert not tsa.is_channel_prefix(half_rows, k) and tsa.is_channel_prefix(view, k)
+    for v, launch in ((copy, None), (view, lambda kernel: kernel)):
+        with pytest.raises(ValueError, match="shared_kv needs v to be k"):
+            tsa.sparse_attention_fwd(q, k, v, idx, scale, bias, causal, off, qb, launch=launch,
+                                     tuning={"shared_kv": True})
+    with pytest.raises(ValueError, match="dim_v is 48"):
+        tsa.forward_config(16, 1, 80, 48, True, False, {"shared_kv": True})
+
+
 QUERY_MAJOR = {"mode": "query_major"}
 
 
@@ -716,7 +783,8 @@ def test_kernels_compile_for_hopper():
     configs = ("llama8b_exact", "llama8b_tile64", "mla_mqa")
     assert set(report) == {*(f"sparse_attention{part}/{c}" for c in configs
                              for part in ("", "_backward")),
-                           "sparse_attention/mla_mqa_128_rows", "indexer_scores/qb1",
+                           "sparse_attention/mla_mqa_128_rows",
+                           "sparse_attention/mla_mqa_shared_kv", "indexer_scores/qb1",
                            "indexer_scores/qb64", "indexer_scores_fp8/qb1",
                            "indexer_scores_fp8/qb64", "indexer_scores_decode/bf16",
                            "indexer_scores_decode/fp8", *SELECTOR_KERNELS,
@@ -737,6 +805,10 @@ def test_kernels_compile_for_hopper():
     for name in SELECTOR_KERNELS:
         assert report[name]["registers"] < 255 and report[name]["spill_bytes"] == 0, name
     assert report["sparse_attention/mla_mqa_128_rows"]["spill_bytes"] > 4096
+    # V read from the K tile: no V buffers and Q loaded once, so less shared memory than the
+    # default's (which reloads Q's chunks every key step), and no spills
+    shared_kv, default = report["sparse_attention/mla_mqa_shared_kv"], report["sparse_attention/mla_mqa"]
+    assert shared_kv["spill_bytes"] == 0 and shared_kv["shared"] < 0.75 * default["shared"]
 
 
 @pytest.mark.slow
