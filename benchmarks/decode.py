@@ -118,7 +118,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536])
     parser.add_argument("--topk", type=int, default=2048)
@@ -139,6 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.compile and args.cache != "static":
         parser.error("--compile needs --cache static (a static step's shapes never change)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     device = torch.device(args.device)
     if args.selector:  # Triton is optional: imported only when asked for
         from dsa_compile.kernels import triton_indexer

@@ -816,7 +816,10 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+SECTIONS = ("correct", "e2e", "layer", "backward", "mla", "decode", "flex", "ceilings")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1)")
@@ -829,11 +832,15 @@ def main() -> None:
                         choices=["8b", "small", "8b-plain", "small-plain"],
                         help="models of the compiled-model comparison: HF Llama of "
                         "dsa_compile.bench's shapes, or '-plain' (dsa_compile.plain_model)")
-    parser.add_argument("--only", nargs="*", default=None, help="section names to run: correct "
-                        "e2e layer backward mla decode flex ceilings")
+    parser.add_argument("--only", nargs="*", default=None, choices=SECTIONS,
+                        help="the sections to run (default: all)")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no benchmark section after this many seconds")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     dev = torch.device("cpu" if args.dry_run else "cuda")
     dtype = torch.float32 if args.dry_run else torch.bfloat16
     RESULTS.update(date=str(datetime.datetime.now()), torch=torch.__version__, triton=triton.__version__,

@@ -70,3 +70,38 @@ def test_granularity_benchmark_writes_its_table(tmp_path):
     assert rows["(1, 0)"]["cosine"] > rows["(128, 64)"]["cosine"]
     assert "| 16 | (4, 4) default |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_session_script_calls_what_the_scripts_accept():
+    """``benchmarks/gpu_session.sh`` is run once per GPU session, on a machine lent for minutes:
+    it must be valid bash, know every part it documents, and pass arguments that the scripts
+    it calls accept (a misspelt section would be skipped, an unknown flag would cost the run)."""
+    import re
+    import shlex
+    import subprocess
+
+    pytest.importorskip("triton")
+    path = BENCH.parent / "gpu_session.sh"
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    usage = subprocess.run(["bash", str(path)], capture_output=True, text=True,
+                           env={"OUT": "/nonexistent-gpu-session", "PATH": "/usr/bin:/bin"})
+    assert usage.returncode == 2 and "kernels|models|decode" in usage.stderr
+    text = path.read_text().replace("\\\n", " ")
+    gpu_check, decode = _load("gpu_check"), _load("decode")
+    checks = re.findall(r"^\s*check (\d+) (.+)$", text, flags=re.M)
+    assert len(checks) == 2
+    for cap, args in checks:
+        args = gpu_check.parse_args(shlex.split(args))
+        assert args.budget_s < int(cap), "a section may start just before the budget ends"
+    kernels = gpu_check.parse_args(shlex.split(checks[0][1]))
+    assert {"correct", "layer", "mla", "decode"} <= set(kernels.only)
+    call = re.search(r"python3 benchmarks/decode\.py (.+?) >>", text).group(1)
+    args = decode.parse_args(shlex.split(call.replace('"$OUT', '"/tmp')))
+    assert args.device == "cuda" and args.selector == "cooperative" and args.compile
