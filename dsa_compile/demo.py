@@ -200,7 +200,8 @@ def format_report(result: dict[str, Any]) -> str:
         lines += ["", f"speed, whole model at {result['tokens']} tokens (CPU): dense Inductor "
                   f"{result['seconds_dense_inductor'] * 1e3:.1f} ms, dsa "
                   f"{result['seconds_dsa'] * 1e3:.1f} ms ({result['speedup']:.2f}x; at this "
-                  "length the indexer costs about what it saves)"]
+                  "length the indexer and the gathers cost more than they save; with the "
+                  "default top-k, 2048, sequences this short stay dense)"]
         long = result["long_context"]
         lines.append(f"speed, one causal attention layer of this shape at {long['length']} "
                      f"tokens (CPU default granularity): SDPA {long['seconds_sdpa'] * 1e3:.0f} ms, "
