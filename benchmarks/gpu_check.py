@@ -597,9 +597,8 @@ def graphed_decode_step(name: str, q, k, v, qi, ki, w, off: int, dev) -> float:
         result["out"] = tsa.sparse_attention_fwd(q, k, v, sel, s["dim"] ** -0.5, None, True, off,
                                                  1)[0]
 
-    eager = tsa.sparse_attention_fwd(q, k, v, tix.indexer_topk_cuda(qi, ki, w, s["topk"], True, off,
-                                                                     None, 1),
-                                     s["dim"] ** -0.5, None, True, off, 1)[0]
+    step()
+    eager = result["out"].clone()
     try:
         replay = graph_of(step)
     except Exception as err:  # noqa: BLE001  (a selector a graph cannot hold is a finding)

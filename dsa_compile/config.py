@@ -48,9 +48,10 @@ class DSAConfig:
       ``"kv_head"``, one per kv head (per head in MHA models; FlashMLA's ``[s_q, h_kv, topk]``):
       new indexers get one index head group per kv head.
     - ``indexer_fp8``: score the indexer in FP8 e4m3, as DeepSeek V3.2 does (queries scaled per
-      token and index head, keys per sequence; the selection is exactly that of the dequantised
-      values, :mod:`dsa_compile.kernels.fp8`). Off by default: its speed is not yet measured on
-      a GPU, and ONNX export keeps the 16-bit indexer (it refuses this option).
+      token and index head, keys per key: every scale depends on its own token only; the
+      selection is exactly that of the dequantised values, :mod:`dsa_compile.kernels.fp8`). Off
+      by default: its speed is not yet measured on a GPU, and ONNX export keeps the 16-bit
+      indexer (it refuses this option).
     - ``mode``: ``"inductor"`` compiles the rewritten graph, ``"eager"`` runs it as is
       (debugging; no compile cost).
     - ``adapter``: a directory written by ``dsa_compile.save_adapter``; ``torch.compile`` loads

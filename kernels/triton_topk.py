@@ -93,6 +93,19 @@ def radix_topk_kernel(scores, out_values, out_index, n, k, rows_per_batch, strid
         ties += tl.sum(equal.to(tl.int32))
 
 
+def as_rows(scores: torch.Tensor, k: int, who: str) -> torch.Tensor:
+    """The selectors' input: fp32 ``scores [..., n]`` (``0 <= k <= n``) as ``[B, R, n]`` with
+    unit last stride, a view where it can be (a 3-d buffer keeps any batch and row strides:
+    the indexer's score buffer, sliced, is not copied)."""
+    if scores.dtype != torch.float32:
+        raise TypeError(f"{who} takes fp32 scores, got {scores.dtype}")
+    n = scores.shape[-1]
+    if not 0 <= k <= n:
+        raise ValueError(f"{who} needs 0 <= k <= n, got k={k}, n={n}")
+    rows = scores if scores.dim() == 3 else scores.reshape(1, -1, n)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
 def radix_topk(scores: torch.Tensor, k: int, segments: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, indices int64)`` of the ``k`` best entries of each row of fp32
@@ -103,16 +116,8 @@ def radix_topk(scores: torch.Tensor, k: int, segments: int | None = None
     survivors (:func:`_two_level`): for few long rows (a decode step: B rows of 128K keys),
     which one program a row would leave on a few SMs. ``None``: as many as fill the GPU's SMs,
     each slice at least ``4 k`` long (1 off CUDA); at most ``n // k``."""
-    if scores.dtype != torch.float32:
-        raise TypeError(f"radix_topk takes fp32 scores, got {scores.dtype}")
-    n = scores.shape[-1]
-    if not 0 <= k <= n:
-        raise ValueError(f"radix_topk needs 0 <= k <= n, got k={k}, n={n}")
-    lead = scores.shape[:-1]
-    # [batch, rows, n] with any batch and row strides (the indexer's buffer, sliced): no copy
-    rows = scores if scores.dim() == 3 else scores.reshape(1, -1, n)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = as_rows(scores, k, "radix_topk")
+    lead, n = scores.shape[:-1], rows.shape[-1]
     count = rows.shape[0] * rows.shape[1]
     if segments is None:
         sms = torch.cuda.get_device_properties(scores.device).multi_processor_count \

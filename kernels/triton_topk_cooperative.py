@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_topk import _ordered_key, _row_pointer
+from .triton_topk import _ordered_key, _row_pointer, as_rows
 
 BLOCK = 1024  # entries of a slice per step
 BINS = 2048  # 11-bit digits (the last round uses 1024 of them)
@@ -41,6 +41,20 @@ MAX_SLICES = 1024
 # per row in the workspace: three histograms, then the counter of slots given to entries above
 # the k-th best key
 ROW_WORDS = 3 * BINS + 1
+
+
+@triton.jit
+def _pair(key, index):
+    """An entry as one int64, ``(key - 2^31) * 2^32 + (2^32 - 1 - index)``: pairs in descending
+    order are the entries by descending key, then lower index (the tie rule's order)."""
+    return ((key - 2147483648) << 32) | (4294967295 - index.to(tl.int64))
+
+
+@triton.jit
+def _sorted_pairs(pair):
+    """``pair`` sorted descending, with the keys and indices of the sorted entries."""
+    pair = tl.sort(pair, descending=True)
+    return pair, (pair >> 32) + 2147483648, 4294967295 - (pair & 4294967295)
 
 
 @triton.jit
@@ -113,8 +127,7 @@ def cooperative_write_kernel(scores, workspace, own, skip, pairs, n, k, slice_le
                              BINS: tl.constexpr, LAST_BINS: tl.constexpr,
                              SLICES: tl.constexpr, HAS_SKIP: tl.constexpr):
     """Grid ``(slices, rows)``: writes the slice's selected entries as int64 pairs
-    ``(key - 2^31) * 2^32 + (2^32 - 1 - index)`` (descending order = by score, then lower index)
-    into ``pairs [rows, k]``."""
+    (:func:`_pair`) into ``pairs [rows, k]``."""
     part = tl.program_id(0)
     row = tl.program_id(1)
     if HAS_SKIP:  # noqa: SIM102  (compile-time: no load at all without a skip list)
@@ -142,8 +155,7 @@ def cooperative_write_kernel(scores, workspace, own, skip, pairs, n, k, slice_le
         slot = tl.where(above != 0, slot_above, above_slots + rank)
         keep = ((above != 0) & (slot_above < above_slots)) | ((equal != 0) & (rank < wanted))
         keep = keep & (slot >= 0) & (slot < k)  # never outside the row's k, whatever happened
-        pair = ((key - 2147483648) << 32) | (4294967295 - (start + offs).to(tl.int64))
-        tl.store(out + slot, pair, mask=keep)
+        tl.store(out + slot, _pair(key, start + offs), mask=keep)
         ties += tl.sum(equal)
 
 
@@ -160,15 +172,13 @@ def cooperative_finish_kernel(scores, pairs, out_values, out_index, skip, n, k, 
             return
     i = tl.arange(0, KP)
     pair = tl.load(pairs + row.to(tl.int64) * k + i, mask=i < k, other=-9223372036854775807)
-    pair = tl.sort(pair, descending=True)
-    index = 4294967295 - (pair & 4294967295)
+    _, _, index = _sorted_pairs(pair)
     base = _row_pointer(scores, row, rows_per_batch, stride_batch, stride_row)
     value = tl.load(base + index, mask=(i < k) & (index >= 0) & (index < n), other=0.0)
     if MISSING_AS_MINUS_ONE:
         index = tl.where(value == float("-inf"), -1, index)
-    batch = row // rows_per_batch
-    target = batch.to(tl.int64) * out_batch + (row - batch * rows_per_batch).to(tl.int64) * out_row
-    tl.store(out_index + target + i, index, mask=i < k)
+    tl.store(_row_pointer(out_index, row, rows_per_batch, out_batch, out_row) + i, index,
+             mask=i < k)
     if HAS_VALUES:
         tl.store(out_values + row.to(tl.int64) * k + i, value, mask=i < k)
 
@@ -179,17 +189,6 @@ def auto_slices(count: int, n: int, sms: int) -> int:
     if sms <= 0 or count <= 0:
         return 1
     return max(1, min(MAX_SLICES, triton.cdiv(2 * sms, count), triton.cdiv(n, BLOCK)))
-
-
-def as_rows(scores: torch.Tensor, k: int, who: str) -> torch.Tensor:
-    """``scores`` as ``[B, R, n]`` with unit last stride (a view where it can be)."""
-    if scores.dtype != torch.float32:
-        raise TypeError(f"{who} takes fp32 scores, got {scores.dtype}")
-    n = scores.shape[-1]
-    if not 0 <= k <= n:
-        raise ValueError(f"{who} needs 0 <= k <= n, got k={k}, n={n}")
-    rows = scores if scores.dim() == 3 else scores.reshape(1, -1, n)
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def check_out(out: torch.Tensor, rows: torch.Tensor, k: int, who: str) -> None:

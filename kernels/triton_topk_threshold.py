@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_topk import _ordered_key, _row_pointer
-from .triton_topk_cooperative import ROW_WORDS, as_rows, check_out, select_into
+from .triton_topk import _ordered_key, _row_pointer, as_rows
+from .triton_topk_cooperative import ROW_WORDS, _pair, _sorted_pairs, check_out, select_into
 
 BLOCK = 1024  # entries a step of the pass over the row
 SAMPLE_RUNS = 512  # runs of RUN neighbours (one 32-byte sector each): 4096 sampled entries
@@ -70,9 +70,8 @@ def threshold_topk_kernel(scores, pairs, out_index, done, workspace, n, k, rows_
         value = tl.load(base + start + offs, mask=inside, other=float("-inf"))
         taken = (inside & (value >= floor)).to(tl.int32)
         slot = count + tl.cumsum(taken, axis=0) - taken
-        pair = ((_ordered_key(value) - 2147483648) << 32) \
-            | (4294967295 - (start + offs).to(tl.int64))
-        tl.store(slots + slot, pair, mask=(taken != 0) & (slot < CAP))
+        tl.store(slots + slot, _pair(_ordered_key(value), start + offs),
+                 mask=(taken != 0) & (slot < CAP))
         count += tl.sum(taken)
     hit = (count >= k) & (count <= CAP)
     tl.store(done + row, hit.to(tl.int8))
@@ -84,12 +83,10 @@ def threshold_topk_kernel(scores, pairs, out_index, done, workspace, n, k, rows_
     tl.debug_barrier()  # the candidates other threads of this program stored, visible
     i = tl.arange(0, CAP)
     pair = tl.load(slots + i, mask=i < count, other=-9223372036854775807)
-    pair = tl.sort(pair, descending=True)
-    index = 4294967295 - (pair & 4294967295)
-    index = tl.where((pair >> 32) + 2147483648 == _MISSING_KEY, -1, index)
-    batch = row // rows_per_batch
-    target = batch.to(tl.int64) * out_batch + (row - batch * rows_per_batch).to(tl.int64) * out_row
-    tl.store(out_index + target + i, index, mask=i < k)
+    _, key, index = _sorted_pairs(pair)
+    index = tl.where(key == _MISSING_KEY, -1, index)
+    tl.store(_row_pointer(out_index, row, rows_per_batch, out_batch, out_row) + i, index,
+             mask=i < k)
 
 
 def threshold_topk_into(scores: torch.Tensor, k: int, out: torch.Tensor,

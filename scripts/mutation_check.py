@@ -121,6 +121,9 @@ MUTATIONS: list[Mutation] = [
                "    return scores + 0 * stride_batch \\\n",
                ("tests/test_triton_kernels.py", "-k", f"{family}_topk_selects"))
       for family in ("cooperative", "threshold")),
+    Mutation("selectors: k > n accepted (kernels would write past the row)",
+             "kernels/triton_topk.py", "    if not 0 <= k <= n:\n", "    if not 0 <= k:\n",
+             ("tests/test_triton_kernels.py", "-k", "check_scores_and_k")),
     Mutation("radix top-k: the k-th byte chosen one too low", "kernels/triton_topk.py",
              "        chosen = tl.max(tl.where(at_least >= wanted, bins, 0))",
              "        chosen = tl.maximum(tl.max(tl.where(at_least >= wanted, bins, 0)) - 1, 0)",
@@ -155,7 +158,7 @@ MUTATIONS: list[Mutation] = [
              "slot = count + tl.cumsum(taken, axis=0) - taken",
              "slot = count + tl.cumsum(taken, axis=0)", THR_TESTS),
     Mutation("threshold top-k: -inf entries kept as indices", THR,
-             "index = tl.where((pair >> 32) + 2147483648 == _MISSING_KEY, -1, index)",
+             "index = tl.where(key == _MISSING_KEY, -1, index)",
              "index = index", THR_TESTS),
     Mutation("threshold top-k: the fallback overwrites the rows the threshold settled", COOP,
              "        if tl.load(skip + row) != 0:\n            return\n    i = tl.arange(0, KP)",

@@ -397,13 +397,23 @@ def test_radix_slices_fill_the_gpu_for_few_rows_only():
     assert auto_segments(1, 131072, 2048, 0) == 1
 
 
-def test_radix_topk_checks_its_input():
+@pytest.mark.parametrize("name", ["radix_topk", "cooperative_topk", "threshold_topk"])
+def test_selectors_check_scores_and_k(name):
+    """The selectors' shared input check (``triton_topk.as_rows``), named by each entry point."""
+    from dsa_compile.kernels import triton_topk, triton_topk_cooperative, triton_topk_threshold
+
+    select = {"radix_topk": triton_topk.radix_topk,
+              "cooperative_topk": triton_topk_cooperative.cooperative_topk,
+              "threshold_topk": triton_topk_threshold.threshold_topk}[name]
+    with pytest.raises(ValueError, match=f"{name} needs 0 <= k <= n, got k=9, n=8"):
+        select(torch.zeros(2, 8), 9)
+    with pytest.raises(TypeError, match=f"{name} takes fp32 scores, got torch.bfloat16"):
+        select(torch.zeros(2, 8, dtype=torch.bfloat16), 2)
+
+
+def test_radix_topk_checks_its_segments():
     from dsa_compile.kernels.triton_topk import radix_topk
 
-    with pytest.raises(ValueError, match="k <= n"):
-        radix_topk(torch.zeros(2, 8), 9)
-    with pytest.raises(TypeError, match="fp32"):
-        radix_topk(torch.zeros(2, 8, dtype=torch.bfloat16), 2)
     with pytest.raises(ValueError, match="segments"):
         radix_topk(torch.zeros(2, 8), 3, segments=3)  # slices of 3 would hold k = 3 but 8 // 3 = 2
 
@@ -535,13 +545,9 @@ def test_threshold_floor_leaves_room_on_both_sides():
     assert tt.capacity(1) // tt.SAMPLE_RUNS >= tt.RUN
 
 
-def test_cooperative_topk_checks_its_input():
+def test_cooperative_and_threshold_check_slices_and_out():
     from dsa_compile.kernels.triton_topk_cooperative import cooperative_topk, cooperative_topk_into
 
-    with pytest.raises(ValueError, match="k <= n"):
-        cooperative_topk(torch.zeros(2, 8), 9)
-    with pytest.raises(TypeError, match="fp32"):
-        cooperative_topk(torch.zeros(2, 8, dtype=torch.bfloat16), 2)
     with pytest.raises(ValueError, match="slices"):
         cooperative_topk(torch.zeros(2, 8), 3, slices=0)
     with pytest.raises(ValueError, match="out must be"):
